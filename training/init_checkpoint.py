@@ -1,0 +1,36 @@
+"""Write a random-weight LocLLM checkpoint in our format.
+
+    python training/init_checkpoint.py --preset tiny --output ckpt/tiny [--seed 0] [--dims 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a clone without install
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sdk"))
+
+from locllm_training.init import init_checkpoint  # noqa: E402
+from locllm_training.presets import PRESETS  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--output", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    ap.add_argument("--legacy", action="store_true", help="tokenizer_config legacy: true (default false, as Vicuna v1.5)")
+    args = ap.parse_args(argv)
+    out = init_checkpoint(args.preset, args.output, seed=args.seed, dims=args.dims, legacy=args.legacy)
+    from locllm_training.model import load_checkpoint
+
+    n = sum(p.numel() for p in load_checkpoint(out).parameters())
+    print(f"wrote {args.preset} checkpoint ({n / 1e6:.1f}M parameters, {args.dims}D) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

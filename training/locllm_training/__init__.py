@@ -1,0 +1,1 @@
+"""LocLLM in PyTorch: the model, our checkpoint format, training and data tools."""

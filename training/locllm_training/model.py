@@ -1,0 +1,261 @@
+"""LocLLM as a torch module: DINOv2 encoder -> Linear projector -> Llama-architecture LM.
+
+LoRA (peft) sits on q and v of both the vision encoder and the LM. The image reaches the
+LM by replacing the embeddings at ``<im_patch>`` positions with projected patch features
+(final-norm patch tokens, CLS dropped); the embedding matrix is not resized.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+
+from locllm_sdk.crop import CLIP_MEAN, CLIP_STD
+from locllm_sdk.protocol import PROTOCOL_VERSION
+
+CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+VISION_LORA_TARGETS = ["query", "value"]  # HF Dinov2 (4.57): attention.attention.{query,value}
+LLM_LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or does not match its config."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    enabled: bool = True
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class LocLLMConfig:
+    vision: dict
+    llm: dict
+    image_size: int = 224
+    patch_size: int = 14
+    coord_dims: int = 2
+    im_patch_token_id: int = 32000
+    norm_mean: tuple[float, float, float] = CLIP_MEAN
+    norm_std: tuple[float, float, float] = CLIP_STD
+    lora_vision: LoraSettings = field(default_factory=LoraSettings)
+    lora_llm: LoraSettings = field(default_factory=LoraSettings)
+    projector_bias: bool = True
+    protocol_version: str = PROTOCOL_VERSION
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def vision_config(self) -> Dinov2Config:
+        cfg = dict(self.vision)
+        cfg.update(image_size=self.image_size, patch_size=self.patch_size)
+        return Dinov2Config(**cfg)
+
+    def llm_config(self) -> LlamaConfig:
+        return LlamaConfig(**self.llm)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            **d,
+            "num_patches": self.num_patches,
+        }
+        d["norm_mean"], d["norm_std"] = list(self.norm_mean), list(self.norm_std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LocLLMConfig:
+        if d.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"config.json is not a {CHECKPOINT_FORMAT} config (format={d.get('format')!r})")
+        if int(d.get("format_version", -1)) != CHECKPOINT_FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint format_version {d.get('format_version')} is not supported "
+                f"(this version reads {CHECKPOINT_FORMAT_VERSION})"
+            )
+        return cls(
+            vision=d["vision"],
+            llm=d["llm"],
+            image_size=int(d["image_size"]),
+            patch_size=int(d["patch_size"]),
+            coord_dims=int(d["coord_dims"]),
+            im_patch_token_id=int(d["im_patch_token_id"]),
+            norm_mean=tuple(d["norm_mean"]),
+            norm_std=tuple(d["norm_std"]),
+            lora_vision=LoraSettings(**d["lora_vision"]),
+            lora_llm=LoraSettings(**d["lora_llm"]),
+            projector_bias=bool(d.get("projector_bias", True)),
+            protocol_version=d.get("protocol_version", PROTOCOL_VERSION),
+        )
+
+
+def _inject_lora(module: nn.Module, settings: LoraSettings, targets: list[str]) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
+    inject_adapter_in_model(config, module)
+
+
+class LocLLM(nn.Module):
+    def __init__(self, config: LocLLMConfig, with_lora: bool = True):
+        super().__init__()
+        self.config = config
+        self.vision = Dinov2Model(config.vision_config())
+        llm_cfg = config.llm_config()
+        self.llm = LlamaForCausalLM(llm_cfg)
+        self.projector = nn.Linear(self.vision.config.hidden_size, llm_cfg.hidden_size, bias=config.projector_bias)
+        self.has_lora = with_lora
+        if with_lora:
+            if config.lora_vision.enabled:
+                _inject_lora(self.vision, config.lora_vision, VISION_LORA_TARGETS)
+            if config.lora_llm.enabled:
+                _inject_lora(self.llm, config.lora_llm, LLM_LORA_TARGETS)
+
+    # -- image -> prefix ------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N,3,S,S] normalised crops -> [N,P,hidden] image tokens in the LM's space."""
+        hidden = self.vision(pixel_values=pixel_values).last_hidden_state
+        return self.projector(hidden[:, 1:, :])  # final-norm patch tokens, CLS dropped
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # <im_patch> (id == vocab size) has no row: embed a placeholder, replaced afterwards.
+        vocab = self.llm.get_input_embeddings().num_embeddings
+        return self.llm.get_input_embeddings()(input_ids.clamp(max=vocab - 1))
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the image features put at the ``<im_patch>`` positions.
+
+        Each row must hold exactly P patch tokens; row i takes ``image_features[i]``.
+        """
+        embeds = self.embed_tokens(input_ids)
+        mask = input_ids == self.config.im_patch_token_id
+        counts = mask.sum(dim=1)
+        if not bool((counts == image_features.shape[1]).all()):
+            raise ValueError(f"each row needs {image_features.shape[1]} <im_patch> tokens, got {counts.tolist()}")
+        embeds = embeds.clone()
+        embeds[mask] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ):
+        """Training forward. With labels, logits are computed only where a label exists."""
+        embeds = self.build_inputs_embeds(input_ids, self.encode_images(pixel_values))
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        if labels is None:
+            return self.llm.lm_head(hidden)
+        # Next-token loss only on labelled positions: gather them before the vocab projection.
+        shift_labels = labels[:, 1:]
+        keep = shift_labels != -100
+        logits = self.llm.lm_head(hidden[:, :-1][keep])
+        loss = nn.functional.cross_entropy(logits.float(), shift_labels[keep])
+        return loss
+
+
+# -- LoRA merge ------------------------------------------------------------------------
+
+
+def merged_state_dict(model: LocLLM) -> dict[str, torch.Tensor]:
+    """State dict of the same model without LoRA: W + B @ A * alpha / r, computed in fp32."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            prefix, leaf = key.split(".base_layer.")
+            new_key = f"{prefix}.{leaf}"
+            if leaf == "weight":
+                a = sd.get(f"{prefix}.lora_A.default.weight")
+                b = sd.get(f"{prefix}.lora_B.default.weight")
+                if a is not None and b is not None:
+                    settings = model.config.lora_vision if key.startswith("vision.") else model.config.lora_llm
+                    delta = (b.float() @ a.float()) * settings.scaling
+                    value = (value.float() + delta).to(value.dtype)
+            out[new_key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge_lora(model: LocLLM) -> LocLLM:
+    merged = LocLLM(model.config, with_lora=False)
+    missing, unexpected = merged.load_state_dict(merged_state_dict(model), strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise CheckpointError(f"merge produced mismatched keys: missing={missing} unexpected={unexpected}")
+    return merged.eval()
+
+
+# -- checkpoint I/O --------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
+
+
+def save_checkpoint(model: LocLLM, tokenizer_dir: str | Path, output: str | Path, extra: dict | None = None) -> Path:
+    """Write our checkpoint format: config.json, model.safetensors, tokenizer files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    if extra:
+        config.update(extra)
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer_dir = Path(tokenizer_dir)
+    if tokenizer_dir.resolve() != output.resolve():
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists():
+                shutil.copyfile(tokenizer_dir / name, output / name)
+    return output
+
+
+def load_config(checkpoint: str | Path) -> LocLLMConfig:
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint}: no config.json (is this a LocLLM checkpoint directory?)")
+    return LocLLMConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
+    """Load our checkpoint format (safetensors only; nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    config = load_config(checkpoint)
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{checkpoint}: model.safetensors is missing")
+    model = LocLLM(config, with_lora=True)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: weights do not match config.json (missing {missing[:5]}..., unexpected {unexpected[:5]}...)"
+        )
+    model.eval()
+    return model if with_lora else merge_lora(model)
