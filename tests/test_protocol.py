@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from locllm_sdk.protocol import (
     AnswerGrammar,
     PromptTokenizer,
@@ -81,7 +80,7 @@ def test_multiround_labels_cover_answers_and_eos(oracle, tokenizers):
             head = tok.round_ids(r["keypoint"], r["description"])
             full = tok.round_ids(r["keypoint"], r["description"], answer=r["answer"])
             assert full[: len(head)] == head
-            trained += full[len(head):]
+            trained += full[len(head) :]
             ids += full
         assert ids == case["ids"]
         assert trained == case["trained_ids"]

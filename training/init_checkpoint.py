@@ -1,6 +1,6 @@
 """Write a random-weight LocLLM checkpoint in our format.
 
-    python training/init_checkpoint.py --preset tiny --output ckpt/tiny [--seed 0] [--dims 2]
+python training/init_checkpoint.py --preset tiny --output ckpt/tiny [--seed 0] [--dims 2]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    ap.add_argument("--legacy", action="store_true", help="tokenizer_config legacy: true (default false, as Vicuna v1.5)")
+    ap.add_argument(
+        "--legacy", action="store_true", help="tokenizer_config legacy: true (default false, as Vicuna v1.5)"
+    )
     args = ap.parse_args(argv)
     out = init_checkpoint(args.preset, args.output, seed=args.seed, dims=args.dims, legacy=args.legacy)
     from locllm_training.model import load_checkpoint

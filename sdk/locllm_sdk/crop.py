@@ -93,7 +93,9 @@ def _third_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return b + np.array([-d[1], d[0]], dtype=np.float32)
 
 
-def affine_transform(center: np.ndarray, scale: np.ndarray, rotation: float, size: int, inverse: bool = False) -> np.ndarray:
+def affine_transform(
+    center: np.ndarray, scale: np.ndarray, rotation: float, size: int, inverse: bool = False
+) -> np.ndarray:
     """The official ``get_affine_transform`` (float32 points, cv2.getAffineTransform)."""
     scale_px = np.asarray(scale, dtype=np.float32) * PIXEL_STD
     src_w = scale_px[0]

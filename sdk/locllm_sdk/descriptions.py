@@ -8,7 +8,18 @@ from pathlib import Path
 
 import yaml
 
-PACKAGE_LIBRARY = Path(__file__).with_name("descriptions") / "keypoints.yaml"
+
+def default_library_path() -> Path:
+    """The bundled library: packaged as ``locllm_sdk._library`` (the repo's descriptions/)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("locllm_sdk._library") / "keypoints.yaml"))
+        if path.is_file():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "descriptions" / "keypoints.yaml"  # plain clone
 
 
 class UnknownKeypointError(KeyError):
@@ -38,7 +49,7 @@ class DescriptionLibrary:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> DescriptionLibrary:
-        path = Path(path) if path is not None else PACKAGE_LIBRARY
+        path = Path(path) if path is not None else default_library_path()
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         descriptions = {name: entry["description"] for name, entry in data["keypoints"].items()}
         skeletons = {

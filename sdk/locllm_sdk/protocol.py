@@ -198,9 +198,7 @@ class PromptTokenizer:
         """Text of generated ids, as ``tokenizer.batch_decode(..., skip_special_tokens=True)``."""
         special = {self.spec.bos_id, self.spec.eos_id, self.spec.pad_id, self._sp.unk_id()}
         keep = [
-            int(i)
-            for i in ids
-            if 0 <= int(i) < self.vocab_size and not (skip_special_tokens and int(i) in special)
+            int(i) for i in ids if 0 <= int(i) < self.vocab_size and not (skip_special_tokens and int(i) in special)
         ]
         return self._sp.decode(keep)
 
@@ -296,7 +294,7 @@ def build_grammar(tokenizer: PromptTokenizer, dims: int) -> AnswerGrammar:
         raise ProtocolError(f"coordinate dims must be 2 or 3, got {dims}")
     digit_ids = tokenizer.digit_ids()
     # A probe answer with every digit distinct from "0" where a digit is free.
-    probe_values = ["0." + "123456789"[: d] for d in DECIMALS[dims]]
+    probe_values = ["0." + "123456789"[:d] for d in DECIMALS[dims]]
     probe = "[" + ",".join(probe_values) + "]"
     head = tokenizer.round_ids("nose", "x")
     full = tokenizer.round_ids("nose", "x", answer=probe)

@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
-
 from locllm_sdk.crop import CLIP_MEAN, CLIP_STD
 from locllm_sdk.protocol import PROTOCOL_VERSION
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
 CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1

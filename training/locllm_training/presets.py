@@ -8,19 +8,37 @@ PRESETS: dict[str, dict] = {
     # exports and runs in seconds; exercises GQA (2 kv heads for 4 heads)
     "tiny": {
         "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2),
-        "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        "llm": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        ),
     },
     "small": {
         "vision": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, mlp_ratio=4),
-        "llm": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+        "llm": dict(
+            hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+        ),
     },
     # ~150M parameters: DINOv2 ViT-S/14 shape + a 12-layer, 768-wide Llama
     "base": {
         "vision": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4),
-        "llm": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
+        "llm": dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+        ),
     },
 }
 
-LLM_DEFAULTS = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLM_DEFAULTS = dict(
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 VISION_DEFAULTS = dict(layerscale_value=1.0, layer_norm_eps=1e-6, hidden_act="gelu")

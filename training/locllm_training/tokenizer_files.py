@@ -24,8 +24,14 @@ def mistral_common_sp_model() -> Path:
 
 
 def _added(content: str) -> dict:
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
-            "rstrip": False, "single_word": False}
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
 
 
 def write_tokenizer(output: str | Path, legacy: bool = False, sp_model: str | Path | None = None) -> Path:

@@ -1,0 +1,1 @@
+"""Export a LocLLM checkpoint to a self-describing engine directory."""

@@ -1,0 +1,249 @@
+"""Checkpoint -> engine directory (ONNX target), verified against PyTorch before success."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from locllm_sdk.descriptions import default_library_path
+from locllm_sdk.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, sha256_file
+from locllm_sdk.protocol import PROTOCOL_VERSION, PromptTokenizer, build_grammar
+from locllm_training.graphs import DecoderStep, VisionTower, empty_past
+from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
+
+from .onnx_graphs import OPSET, export_decoder, export_vision
+
+MERGE_TOLERANCE = 1e-4  # relative to the output scale
+GRAPH_TOLERANCE = 1e-4
+
+
+class ExportVerificationError(RuntimeError):
+    """An exported graph (or the LoRA merge) does not reproduce the PyTorch model."""
+
+
+@dataclass
+class BuildReport:
+    engine_dir: Path
+    checks: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"engine written to {self.engine_dir} in {self.seconds:.1f}s"]
+        for name, value in self.checks.items():
+            lines.append(f"  {name:<34} {value}")
+        return "\n".join(lines)
+
+
+def _fixed_inputs(model: LocLLM, seed: int = 1234):
+    g = torch.Generator().manual_seed(seed)
+    s = model.config.image_size
+    pixels = torch.randn(2, 3, s, s, generator=g)
+    cfg = model.llm.config
+    ids = torch.randint(3, cfg.vocab_size, (2, 7), generator=g)
+    return pixels, ids
+
+
+def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
+
+
+def _run_step(step: DecoderStep, embeds, mask, pos, index, past):
+    with torch.inference_mode():
+        out = step(embeds, mask, pos, index, *past)
+    return out[0], list(out[1:])
+
+
+def check_merge(unmerged: LocLLM, merged: LocLLM) -> float:
+    """Merged and unmerged models agree on a fixed input (image tokens and logits)."""
+    pixels, ids = _fixed_inputs(unmerged)
+    diffs = []
+    with torch.inference_mode():
+        a = VisionTower(unmerged)(pixels).numpy()
+        b = VisionTower(merged)(pixels).numpy()
+        diffs.append(_rel_diff(b, a))
+        for model_a, model_b in [(unmerged, merged)]:
+            embeds = model_a.embed_tokens(ids)
+            mask = torch.ones_like(ids)
+            pos = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+            index = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+            la, _ = _run_step(DecoderStep(model_a.llm), embeds, mask, pos, index, empty_past(model_a.llm.config, 2))
+            lb, _ = _run_step(DecoderStep(model_b.llm), embeds, mask, pos, index, empty_past(model_b.llm.config, 2))
+            diffs.append(_rel_diff(lb.numpy(), la.numpy()))
+    worst = max(diffs)
+    if worst > MERGE_TOLERANCE:
+        raise ExportVerificationError(f"LoRA merge changed outputs by {worst:.2e} (> {MERGE_TOLERANCE})")
+    return worst
+
+
+def verify_onnx(engine_dir: Path, merged: LocLLM, manifest: dict) -> dict:
+    """Run the exported graphs in ONNX Runtime against the merged torch model: the vision
+    tower on fixed crops; the decoder as a prefill from an empty cache then a multi-token
+    step on top of it with right padding (the runtime's exact pattern)."""
+    import onnxruntime as ort
+
+    files = manifest["backends"]["onnxruntime"]
+    vision = ort.InferenceSession(str(engine_dir / files["vision"]), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(engine_dir / files["decoder"]), providers=["CPUExecutionProvider"])
+    pixels, ids = _fixed_inputs(merged)
+    with torch.inference_mode():
+        ref_img = VisionTower(merged)(pixels).numpy()
+    got_img = vision.run(["image_tokens"], {"pixel_values": pixels.numpy()})[0]
+    checks = {"vision max rel diff": _rel_diff(got_img, ref_img)}
+
+    step = DecoderStep(merged.llm).eval()
+    cfg = merged.llm.config
+    n_layers = cfg.num_hidden_layers
+    past_names = [n for i in range(n_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
+    with torch.inference_mode():
+        embeds = merged.embed_tokens(ids)
+    b, t = ids.shape
+    mask = torch.ones(b, t, dtype=torch.int64)
+    pos = torch.arange(t).repeat(b, 1)
+    index = torch.tensor([[t - 1], [t - 2]])
+    ref_logits, ref_past = _run_step(step, embeds, mask, pos, index, empty_past(cfg, b))
+    feeds = {
+        "inputs_embeds": embeds.numpy(),
+        "attention_mask": mask.numpy(),
+        "position_ids": pos.numpy(),
+        "logits_index": index.numpy(),
+    }
+    feeds.update({n: p.numpy() for n, p in zip(past_names, empty_past(cfg, b))})
+    out = decoder.run(None, feeds)
+    d1 = _rel_diff(out[0], ref_logits.numpy())
+    # second pass: 3 new tokens, row 1 right-padded by one
+    g = torch.Generator().manual_seed(7)
+    new = torch.randn(b, 3, cfg.hidden_size, generator=g)
+    mask2 = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])], dim=1)
+    pos2 = torch.tensor([[t, t + 1, t + 2], [t, t + 1, t + 1]])
+    index2 = torch.tensor([[2, 0], [1, 0]])
+    ref2, _ = _run_step(step, new, mask2, pos2, index2, ref_past)
+    feeds2 = {
+        "inputs_embeds": new.numpy(),
+        "attention_mask": mask2.numpy(),
+        "position_ids": pos2.numpy(),
+        "logits_index": index2.numpy(),
+    }
+    feeds2.update(dict(zip(past_names, out[1:])))
+    out2 = decoder.run(None, feeds2)
+    d2 = _rel_diff(out2[0], ref2.numpy())
+    checks["decoder prefill max rel diff"] = d1
+    checks["decoder cached step max rel diff"] = d2
+    worst = max(checks.values())
+    if not np.isfinite(worst) or worst > GRAPH_TOLERANCE:
+        raise ExportVerificationError(
+            f"exported ONNX graphs disagree with PyTorch: {checks} (tolerance {GRAPH_TOLERANCE})"
+        )
+    return checks
+
+
+def _versions() -> dict:
+    import locllm_sdk
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "locllm_sdk": locllm_sdk.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "onnx_opset": OPSET,
+    }
+
+
+def build_onnx_engine(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> BuildReport:
+    start = time.perf_counter()
+    checkpoint, output = Path(checkpoint).resolve(), Path(output)
+    if output.exists():
+        if not overwrite and any(output.iterdir()):
+            raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(output)
+    tmp = output.with_name(output.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    report = BuildReport(output)
+
+    torch.manual_seed(0)
+    unmerged = load_checkpoint(checkpoint, with_lora=True)
+    merged = merge_lora(unmerged)
+    report.checks["LoRA merge max rel diff"] = check_merge(unmerged, merged)
+    del unmerged
+
+    tokenizer = PromptTokenizer.from_dir(checkpoint)
+    cfg = merged.config
+    grammar = build_grammar(tokenizer, cfg.coord_dims)
+    export_vision(merged, tmp / "vision.onnx")
+    export_decoder(merged, tmp / "decoder.onnx")
+    np.save(tmp / "embeddings.npy", merged.llm.get_input_embeddings().weight.detach().float().numpy())
+    (tmp / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).exists():
+            shutil.copyfile(checkpoint / name, tmp / "tokenizer" / name)
+    shutil.copyfile(default_library_path(), tmp / "descriptions.yaml")
+
+    llm = merged.llm.config
+    head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
+    manifest = {
+        "format": ENGINE_FORMAT,
+        "format_version": ENGINE_FORMAT_VERSION,
+        "protocol_version": PROTOCOL_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "source_checkpoint": str(checkpoint),
+            "checkpoint_sha256": sha256_file(checkpoint / "model.safetensors"),
+            "coord_dims": cfg.coord_dims,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "num_patches": cfg.num_patches,
+            "norm_mean": list(cfg.norm_mean),
+            "norm_std": list(cfg.norm_std),
+            "vision_hidden_size": merged.vision.config.hidden_size,
+            "vision_layers": merged.vision.config.num_hidden_layers,
+            "hidden_size": llm.hidden_size,
+            "vocab_size": llm.vocab_size,
+            "num_layers": llm.num_hidden_layers,
+            "num_heads": llm.num_attention_heads,
+            "num_kv_heads": llm.num_key_value_heads or llm.num_attention_heads,
+            "head_dim": head_dim,
+            "max_position_embeddings": llm.max_position_embeddings,
+            "parameters": sum(p.numel() for p in merged.parameters()),
+        },
+        "tokenizer": {
+            "dir": "tokenizer",
+            "legacy": tokenizer.spec.legacy,
+            "bos_id": tokenizer.spec.bos_id,
+            "eos_id": tokenizer.spec.eos_id,
+            "pad_id": tokenizer.spec.pad_id,
+            "im_patch_id": tokenizer.spec.im_patch_id,
+            "digit_ids": list(grammar.digit_ids),
+            "answer_grammar": grammar.to_dict(),
+            "prefix_ids": tokenizer.prefix_ids(cfg.num_patches),
+        },
+        "precision": {"vision": "fp32", "decoder": "fp32", "lora": "merged-fp32"},
+        "backends": {
+            "onnxruntime": {
+                "vision": "vision.onnx",
+                "decoder": "decoder.onnx",
+                "embeddings": "embeddings.npy",
+                "opset": OPSET,
+            }
+        },
+        "built_with": _versions(),
+    }
+    report.checks.update(verify_onnx(tmp, merged, manifest))
+    manifest["verification"] = {k: float(v) for k, v in report.checks.items()}
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(output)  # the engine appears only once complete and verified
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,79 @@
+"""torch -> ONNX for the two serving graphs (vision tower, decoder step)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from locllm_training.graphs import DecoderStep, VisionTower, empty_past
+from locllm_training.model import LocLLM
+
+OPSET = 18
+
+
+def export_vision(model: LocLLM, path: Path, opset: int = OPSET) -> None:
+    tower = VisionTower(model).eval()
+    s = model.config.image_size
+    dummy = torch.randn(2, 3, s, s)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tower,
+            (dummy,),
+            str(path),
+            input_names=["pixel_values"],
+            output_names=["image_tokens"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "image_tokens": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [n for i in range(num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
+    present = [n for i in range(num_layers) for n in (f"present_key_{i}", f"present_value_{i}")]
+    return ["inputs_embeds", "attention_mask", "position_ids", "logits_index", *past], ["logits", *present]
+
+
+def export_decoder(model: LocLLM, path: Path, opset: int = OPSET) -> None:
+    """The decoder step with dynamic batch, step length, past length and logits count.
+
+    Exported with the TorchScript exporter and the wrapper's own 4D additive mask: on these
+    machines that graph decoded a 17-row batch ~40% faster than the dynamo export.
+    """
+    step = DecoderStep(model.llm).eval()
+    cfg = model.llm.config
+    batch, t, past_len = 2, 3, 5
+    past = [p.new_zeros(p.shape[0], p.shape[1], past_len, p.shape[3]).normal_() for p in empty_past(cfg, batch)]
+    inputs = (
+        torch.randn(batch, t, cfg.hidden_size),
+        torch.ones(batch, past_len + t, dtype=torch.int64),
+        torch.arange(past_len, past_len + t).repeat(batch, 1),
+        torch.tensor([[t - 1, t - 2]] * batch),
+        *past,
+    )
+    in_names, out_names = decoder_io_names(cfg.num_hidden_layers)
+    dyn = {
+        "inputs_embeds": {0: "batch", 1: "step"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "step"},
+        "logits_index": {0: "batch", 1: "k"},
+        "logits": {0: "batch", 1: "k"},
+    }
+    for n in in_names[4:]:
+        dyn[n] = {0: "batch", 2: "past"}
+    for n in out_names[1:]:
+        dyn[n] = {0: "batch", 2: "total"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            step,
+            inputs,
+            str(path),
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=dyn,
+            opset_version=opset,
+            dynamo=False,
+        )

@@ -1,0 +1,5 @@
+"""Backends: a string away (``Pose(..., backend="onnxruntime")``)."""
+
+from .base import Backend
+
+__all__ = ["Backend"]

@@ -1,0 +1,51 @@
+"""The one small interface every backend implements.
+
+A backend runs the two graphs of a LocLLM model and nothing else: the vision tower
+(crops -> image tokens) and one decoder pass over a KV cache (embeddings -> logits at the
+asked positions). Scheduling, prompts, sampling and parsing are backend-free (decoding.py).
+Arrays cross the interface as numpy; the KV cache stays in the backend's own type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+KVCache = Any  # backend-owned: a list of arrays/tensors [B, kv_heads, T, head_dim]
+
+
+class Backend(ABC):
+    name: str = "?"
+
+    @abstractmethod
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """[N,3,S,S] float32 normalised crops -> [N,P,H] float32 image tokens."""
+
+    @abstractmethod
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """[B,T] int64 token ids (no <im_patch>) -> [B,T,H] float32 embeddings."""
+
+    @abstractmethod
+    def empty_cache(self, batch: int) -> KVCache:
+        """A KV cache with no positions, for ``batch`` rows."""
+
+    @abstractmethod
+    def select_rows(self, cache: KVCache, rows: np.ndarray) -> KVCache:
+        """The cache rows ``rows`` (repeats allowed): shares a prefix across requests."""
+
+    @abstractmethod
+    def forward(
+        self,
+        embeds: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        logits_index: np.ndarray,
+        cache: KVCache,
+    ) -> tuple[np.ndarray, KVCache]:
+        """One decoder pass. ``attention_mask`` [B, past+T] int64, ``position_ids`` [B,T],
+        ``logits_index`` [B,K] -> (float32 logits [B,K,V], cache extended by T)."""
+
+    def describe(self) -> dict:
+        return {"backend": self.name}

@@ -1,0 +1,227 @@
+"""``Pose``: image -> crop -> vision -> prefix -> suffixes -> digits -> coordinates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import crop as cropping
+from .backends.base import Backend
+from .decoding import DecodeStats, constrained_decode, free_decode, prefill_prefix
+from .descriptions import DescriptionLibrary
+from .engine import MANIFEST, EngineError, files_of_backend, read_manifest, verify_files
+from .protocol import MAX_NEW_TOKENS, PROTOCOL_VERSION, AnswerGrammar, PromptTokenizer, build_grammar, unit_to_depth
+from .results import Keypoint, Person, Results
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+DECODING = ("constrained", "free")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the runtime needs to know about a model, from a manifest or a checkpoint."""
+
+    image_size: int
+    num_patches: int
+    coord_dims: int
+    norm_mean: tuple[float, ...]
+    norm_std: tuple[float, ...]
+    tokenizer: PromptTokenizer
+    grammar: AnswerGrammar
+    prefix_ids: tuple[int, ...]
+
+
+def _spec_from_manifest(engine_dir: Path, manifest: dict) -> ModelSpec:
+    m, t = manifest["model"], manifest["tokenizer"]
+    if manifest.get("protocol_version") != PROTOCOL_VERSION:
+        raise EngineError(
+            f"engine protocol {manifest.get('protocol_version')!r} differs from this runtime's {PROTOCOL_VERSION!r}"
+        )
+    tokenizer = PromptTokenizer.from_dir(engine_dir / t["dir"])
+    grammar = AnswerGrammar.from_dict(t["answer_grammar"])
+    # The ids the engine was built with must be the ids this runtime produces.
+    prefix = tuple(tokenizer.prefix_ids(int(m["num_patches"])))
+    if list(prefix) != t["prefix_ids"] or build_grammar(tokenizer, grammar.dims) != grammar:
+        raise EngineError(
+            f"{engine_dir}: tokenizer ids differ from the manifest's (tokenizer files or runtime changed)"
+        )
+    return ModelSpec(
+        image_size=int(m["image_size"]),
+        num_patches=int(m["num_patches"]),
+        coord_dims=int(m["coord_dims"]),
+        norm_mean=tuple(m["norm_mean"]),
+        norm_std=tuple(m["norm_std"]),
+        tokenizer=tokenizer,
+        grammar=grammar,
+        prefix_ids=prefix,
+    )
+
+
+def _spec_from_checkpoint(checkpoint: Path) -> ModelSpec:
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    tokenizer = PromptTokenizer.from_dir(checkpoint)
+    if tokenizer.spec.im_patch_id != int(cfg["im_patch_token_id"]):
+        raise EngineError(f"{checkpoint}: <im_patch> id in the tokenizer differs from config.json")
+    dims = int(cfg["coord_dims"])
+    return ModelSpec(
+        image_size=int(cfg["image_size"]),
+        num_patches=int(cfg["num_patches"]),
+        coord_dims=dims,
+        norm_mean=tuple(cfg["norm_mean"]),
+        norm_std=tuple(cfg["norm_std"]),
+        tokenizer=tokenizer,
+        grammar=build_grammar(tokenizer, dims),
+        prefix_ids=tuple(tokenizer.prefix_ids(int(cfg["num_patches"]))),
+    )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / MANIFEST).is_file()
+
+
+class Pose:
+    """A LocLLM keypoint localizer.
+
+    >>> pose = Pose("engines/tiny")                       # an engine dir (or a checkpoint dir)
+    >>> res = pose.locate("person.jpg", ["neck", "pelvis"], boxes=[[10, 20, 200, 380]])
+    >>> res[0]["neck"].x, res[0]["neck"].y, res[0]["neck"].score
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        backend: str = "auto",
+        decoding: str = "constrained",
+        threads: int | None = None,
+        verify: bool = True,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if decoding not in DECODING:
+            raise ValueError(f"decoding must be one of {DECODING}, got {decoding!r}")
+        path = Path(model)
+        if not path.is_dir():
+            raise EngineError(f"model path not found or not a directory: {path}")
+        self.path, self.decoding = path, decoding
+        if _is_checkpoint(path):
+            if backend not in ("auto", "torch"):
+                raise EngineError(
+                    f"{path} is a checkpoint, not an engine: build one with export/build_engines.py, "
+                    "or use backend='torch'"
+                )
+            self.backend_name = "torch"
+            self.spec = _spec_from_checkpoint(path)
+            self.library = DescriptionLibrary.load()
+            self.backend: Backend = self._torch_backend(path, threads)
+            return
+        manifest = read_manifest(path)
+        self.manifest = manifest
+        if backend == "auto":
+            from .backends.select import choose_backend
+
+            backend = choose_backend(manifest)
+        self.backend_name = backend
+        if backend == "torch":
+            source = Path(manifest["model"].get("source_checkpoint", ""))
+            if not (source / "config.json").is_file():
+                raise EngineError(
+                    f"backend='torch' needs the source checkpoint; the manifest names {str(source)!r}, "
+                    "which is not there"
+                )
+            verify_files(
+                path,
+                manifest,
+                [n for n in manifest["files"] if n.startswith("tokenizer/") or n == "descriptions.yaml"],
+                checksums=verify,
+            )
+            self.spec = _spec_from_manifest(path, manifest)
+            self.backend = self._torch_backend(source, threads)
+        else:
+            verify_files(path, manifest, files_of_backend(manifest, backend), checksums=verify)
+            self.spec = _spec_from_manifest(path, manifest)
+            from .backends.onnxruntime import OnnxRuntimeBackend
+
+            self.backend = OnnxRuntimeBackend(path, manifest, threads=threads)
+        self.library = DescriptionLibrary.load(path / "descriptions.yaml")
+
+    @staticmethod
+    def _torch_backend(checkpoint: Path, threads: int | None) -> Backend:
+        from .backends.torch_ref import TorchBackend
+
+        return TorchBackend(checkpoint, threads=threads)
+
+    # ----------------------------------------------------------------------------------
+    def locate(
+        self,
+        image: object,
+        keypoints: str | Iterable[str] | Mapping[str, str | None],
+        boxes: Sequence[Sequence[float]] | None = None,
+    ) -> Results:
+        """Locate ``keypoints`` (names, a skeleton name like ``"coco17"``, or a
+        ``{name: description}`` mapping) for each person box ``[x, y, w, h]`` (default: the
+        whole image). Coordinates come back in image pixels."""
+        img = cropping.load_image(image)
+        requests = self.library.resolve(keypoints)
+        h, w = img.shape[:2]
+        if boxes is None:
+            boxes = [[0.0, 0.0, float(w), float(h)]]
+        boxes = [list(map(float, b)) for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)] if len(boxes) else []
+        if not boxes:
+            raise ValueError("boxes is empty: give at least one [x, y, w, h] box or None for the whole image")
+        geoms = [cropping.crop_geometry(b, (h, w), self.spec.image_size) for b in boxes]
+        crops = np.stack([cropping.warp(img, g) for g in geoms])
+        pixels = cropping.normalize(crops, self.spec.norm_mean, self.spec.norm_std)
+        values, answers, stats = self._run(pixels, requests)
+        persons = []
+        size = float(self.spec.image_size)
+        k = len(requests)
+        for i, (box, g) in enumerate(zip(boxes, geoms)):
+            vals = values[i * k : (i + 1) * k]
+            xy = cropping.to_image_coords(vals[:, :2] * size, g.inverse)
+            kps = []
+            for j, req in enumerate(requests):
+                a = answers[i * k + j]
+                z = unit_to_depth(float(vals[j, 2])) if self.spec.coord_dims == 3 else None
+                kps.append(Keypoint(req.name, float(xy[j, 0]), float(xy[j, 1]), a.score, z, a.text))
+            persons.append(Person(tuple(box), tuple(kps)))
+        info = {"backend": self.backend_name, "decoding": self.decoding, "decoder_passes": stats.decoder_passes}
+        return Results(persons, [r.name for r in requests], (h, w), info)
+
+    __call__ = locate
+
+    def _run(self, pixels: np.ndarray, requests) -> tuple[np.ndarray, list, DecodeStats]:
+        spec = self.spec
+        image_tokens = self.backend.encode_images(pixels)  # once per crop
+        prefix_cache = prefill_prefix(self.backend, spec.prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
+        suffix = [spec.tokenizer.round_ids(r.name, r.description) for r in requests]
+        n_crops, k = pixels.shape[0], len(requests)
+        crop_of_row = np.repeat(np.arange(n_crops), k)
+        suffixes = suffix * n_crops
+        if self.decoding == "constrained":
+            answers, stats = constrained_decode(
+                self.backend, prefix_cache, len(spec.prefix_ids), crop_of_row, suffixes, spec.grammar, spec.tokenizer
+            )
+        else:
+            answers, stats = free_decode(
+                self.backend,
+                prefix_cache,
+                len(spec.prefix_ids),
+                crop_of_row,
+                suffixes,
+                crop_of_row,
+                MAX_NEW_TOKENS[spec.coord_dims],
+                spec.coord_dims,
+                spec.tokenizer,
+            )
+        values = np.array([a.values for a in answers], dtype=np.float64)
+        return values, answers, stats
+
+    def __repr__(self) -> str:
+        return (
+            f"Pose({str(self.path)!r}, backend={self.backend_name!r}, decoding={self.decoding!r}, "
+            f"dims={self.spec.coord_dims})"
+        )

@@ -1,0 +1,96 @@
+"""Results of ``Pose.locate``: per person, per keypoint x, y [, z], score."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Keypoint:
+    name: str
+    x: float  # image pixels
+    y: float
+    score: float
+    z: float | None = None  # root-relative depth in mm (3D models)
+    answer: str = ""  # the model's answer text, e.g. "[0.412,0.905]"
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "x": self.x, "y": self.y, "score": self.score, "answer": self.answer}
+        if self.z is not None:
+            d["z"] = self.z
+        return d
+
+
+@dataclass(frozen=True)
+class Person:
+    box: tuple[float, float, float, float]  # [x, y, w, h] as given
+    keypoints: tuple[Keypoint, ...]
+
+    @property
+    def score(self) -> float:
+        """Mean keypoint score (the official person score)."""
+        return float(np.mean([k.score for k in self.keypoints]))
+
+    def __iter__(self) -> Iterator[Keypoint]:
+        return iter(self.keypoints)
+
+    def __len__(self) -> int:
+        return len(self.keypoints)
+
+    def __getitem__(self, name: str | int) -> Keypoint:
+        if isinstance(name, int):
+            return self.keypoints[name]
+        for k in self.keypoints:
+            if k.name == name:
+                return k
+        raise KeyError(f"no keypoint {name!r} in this result (have: {[k.name for k in self.keypoints]})")
+
+    def numpy(self) -> np.ndarray:
+        """[K, 3] (x, y, score) or [K, 4] (x, y, z, score)."""
+        if self.keypoints and self.keypoints[0].z is not None:
+            return np.array([[k.x, k.y, k.z, k.score] for k in self.keypoints], dtype=np.float64)
+        return np.array([[k.x, k.y, k.score] for k in self.keypoints], dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "score": self.score, "keypoints": [k.to_dict() for k in self.keypoints]}
+
+
+@dataclass
+class Results:
+    """All persons of one image. Iterate, index, ``numpy()`` or ``to_dict()``/``to_json()``."""
+
+    persons: list[Person]
+    keypoint_names: list[str]
+    image_size: tuple[int, int]  # (height, width)
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.persons)
+
+    def __iter__(self) -> Iterator[Person]:
+        return iter(self.persons)
+
+    def __getitem__(self, i: int) -> Person:
+        return self.persons[i]
+
+    def numpy(self) -> np.ndarray:
+        """[persons, K, 3 or 4]."""
+        return np.stack([p.numpy() for p in self.persons])
+
+    def to_dict(self) -> dict:
+        return {
+            "image_size": list(self.image_size),
+            "keypoint_names": list(self.keypoint_names),
+            "persons": [p.to_dict() for p in self.persons],
+            "info": self.info,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Results({len(self.persons)} person(s), keypoints={self.keypoint_names})"

@@ -1,0 +1,229 @@
+"""Pose.locate end to end: ONNX Runtime engine vs the PyTorch reference, decoding modes,
+batching invariance, and clear errors on bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from locllm_sdk import BoxError, EngineError, ImageError, Pose, UnknownKeypointError
+
+KEYPOINTS = ["nose", "left eye", "right shoulder", "left wrist", "right hip", "neck", "pelvis", "left ankle"]
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(120, 320)), int(rng.integers(120, 320))
+        base = rng.integers(0, 255, (h, w, 3)).astype(np.uint8)
+        out.append(base)
+    return out
+
+
+def boxes_for(img, rng, n):
+    h, w = img.shape[:2]
+    out = []
+    for _ in range(n):
+        bw, bh = rng.uniform(0.3, 1.0) * w, rng.uniform(0.3, 1.0) * h
+        out.append([rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh])
+    return out
+
+
+@pytest.fixture(scope="module")
+def poses(trained):
+    return {
+        dims: {
+            "ort": Pose(engine),
+            "torch": Pose(ckpt, backend="torch"),
+            "ort_free": Pose(engine, decoding="free"),
+        }
+        for dims, (ckpt, engine) in trained.items()
+    }
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_onnxruntime_matches_torch(poses, dims):
+    rng = np.random.default_rng(dims)
+    pairs, distinct = 0, set()
+    max_score_diff = 0.0
+    for img in images(4, seed=dims):
+        boxes = boxes_for(img, rng, 2)
+        a = poses[dims]["ort"].locate(img, KEYPOINTS, boxes)
+        b = poses[dims]["torch"].locate(img, KEYPOINTS, boxes)
+        assert a.info["backend"] == "onnxruntime" and b.info["backend"] == "torch"
+        for pa, pb in zip(a, b):
+            for ka, kb in zip(pa, pb):
+                assert ka.answer == kb.answer
+                assert (ka.x, ka.y, ka.z) == (kb.x, kb.y, kb.z)
+                max_score_diff = max(max_score_diff, abs(ka.score - kb.score))
+                pairs += 1
+                distinct.add(ka.answer)
+    assert pairs >= 64
+    assert max_score_diff <= 1e-4
+    assert len(distinct) >= 3, "the test model answers everything alike: parity would be vacuous"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_constrained_answers_are_well_formed(poses, dims):
+    pattern = r"\[0\.\d{3},0\.\d{3}\]" if dims == 2 else r"\[0\.\d{3},0\.\d{3},0\.\d{6}\]"
+    for img in images(3, seed=10 + dims):
+        res = poses[dims]["ort"].locate(img, KEYPOINTS)
+        assert res.info["decoder_passes"] == (6 if dims == 2 else 12)
+        for kp in res[0]:
+            assert __import__("re").fullmatch(pattern, kp.answer), kp.answer
+            assert 0.0 < kp.score <= 1.0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_free_agrees_with_constrained_where_well_formed(poses, dims):
+    agreed = 0
+    for img in images(4, seed=20 + dims):
+        c = poses[dims]["ort"].locate(img, KEYPOINTS)
+        f = poses[dims]["ort_free"].locate(img, KEYPOINTS)
+        for kc, kf in zip(c[0], f[0]):
+            n_numbers = kf.answer.count(".")
+            if kf.answer.startswith("[") and kf.answer.endswith("]") and n_numbers == dims:
+                assert kf.answer == kc.answer
+                assert (kf.x, kf.y) == (kc.x, kc.y)
+                assert kf.score == pytest.approx(kc.score, abs=1e-6)  # passes chunk tokens differently
+                agreed += 1
+    assert agreed >= 5, "too few well-formed free answers to compare"
+
+
+def test_free_decoding_malformed_answer_official_zeros(tiny_checkpoint):
+    """An untrained model babbles: free decoding keeps x = y = 0 in crop space (then
+    back-projected to the image, as the official code does) and score 0."""
+    from locllm_sdk.crop import crop_geometry, to_image_coords
+
+    pose = Pose(tiny_checkpoint, backend="torch", decoding="free")
+    img = images(1, seed=41)[0]
+    box = [10.0, 20.0, 60.0, 90.0]
+    res = pose.locate(img, ["nose", "neck"], boxes=[box])
+    origin = to_image_coords(np.zeros((1, 2)), crop_geometry(box, img.shape[:2], 224).inverse)[0]
+    for kp in res[0]:
+        assert "0." not in kp.answer, kp.answer
+        assert kp.score == 0.0
+        assert (kp.x, kp.y) == pytest.approx(tuple(origin))
+    assert origin[0] < box[0]  # the square crop pads the narrow box: (0, 0) lies left of it
+
+
+def test_batching_invariance(poses):
+    pose = poses[2]["ort"]
+    rng = np.random.default_rng(5)
+    img = images(1, seed=50)[0]
+    boxes = boxes_for(img, rng, 3)
+    together = pose.locate(img, KEYPOINTS, boxes)
+    for i, box in enumerate(boxes):
+        alone = pose.locate(img, KEYPOINTS, [box])
+        assert [k.answer for k in alone[0]] == [k.answer for k in together[i]]
+        for name in KEYPOINTS:
+            one = pose.locate(img, [name], [box])
+            assert one[0][name].answer == together[i][name].answer
+            assert one[0][name].x == together[i][name].x
+            assert one[0][name].score == pytest.approx(together[i][name].score, abs=1e-5)
+
+
+def test_results_object(poses):
+    res = poses[3]["ort"].locate(images(1)[0], ["nose", "neck"], boxes=[[0, 0, 100, 100], [20, 20, 80, 90]])
+    arr = res.numpy()
+    assert arr.shape == (2, 2, 4)
+    d = json.loads(res.to_json())
+    assert d["keypoint_names"] == ["nose", "neck"] and len(d["persons"]) == 2
+    assert d["persons"][0]["keypoints"][0]["z"] == res[0]["nose"].z
+    assert res[1].score == pytest.approx(np.mean([k.score for k in res[1]]))
+
+
+def test_custom_description_and_skeleton(poses):
+    pose = poses[2]["ort"]
+    img = images(1)[0]
+    res = pose.locate(img, {"nose": None, "chin": "The chin is the lowest point of the face, below the mouth."})
+    assert [k.name for k in res[0]] == ["nose", "chin"]
+    assert len(pose.locate(img, "coco17")[0]) == 17
+
+
+def test_bad_inputs(poses, tmp_path):
+    pose = poses[2]["ort"]
+    img = images(1)[0]
+    with pytest.raises(UnknownKeypointError, match="unknown keypoint 'tail tip'"):
+        pose.locate(img, ["nose", "tail tip"])
+    with pytest.raises(ValueError, match="no keypoints"):
+        pose.locate(img, [])
+    with pytest.raises(ImageError, match="not found"):
+        pose.locate(tmp_path / "missing.jpg", ["nose"])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="cannot decode"):
+        pose.locate(bad, ["nose"])
+    with pytest.raises(ImageError, match="uint8"):
+        pose.locate(img.astype(np.float32), ["nose"])
+    with pytest.raises(ImageError, match="HxWx3"):
+        pose.locate(img[:, :, 0], ["nose"])
+    with pytest.raises(BoxError, match="degenerate"):
+        pose.locate(img, ["nose"], boxes=[[10, 10, 0, 20]])
+    with pytest.raises(BoxError, match="outside"):
+        pose.locate(img, ["nose"], boxes=[[5000, 10, 20, 20]])
+    with pytest.raises(ValueError, match="boxes is empty"):
+        pose.locate(img, ["nose"], boxes=[])
+
+
+def test_engine_dir_errors(trained, tmp_path):
+    import shutil
+
+    _, engine = trained[2]
+    with pytest.raises(EngineError, match="not found"):
+        Pose(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(engine, broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(EngineError, match="manifest.json is missing"):
+        Pose(broken)
+    # corrupt one byte of the decoder: checksum
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(engine, corrupt)
+    data = bytearray((corrupt / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="sha256"):
+        Pose(corrupt)
+    # missing file
+    missing = tmp_path / "missing"
+    shutil.copytree(engine, missing)
+    (missing / "vision.onnx").unlink()
+    with pytest.raises(EngineError, match="vision.onnx is missing"):
+        Pose(missing)
+    # unknown format version
+    future = tmp_path / "future"
+    shutil.copytree(engine, future)
+    m = json.loads((future / "manifest.json").read_text())
+    m["format_version"] = 99
+    (future / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="format_version 99 is not supported"):
+        Pose(future)
+
+
+def test_runtime_does_not_import_torch(trained):
+    _, engine = trained[2]
+    code = (
+        "import sys, numpy as np\n"
+        "import locllm_sdk\n"
+        f"p = locllm_sdk.Pose({str(engine)!r}, backend='onnxruntime')\n"
+        "r = p.locate(np.zeros((64, 48, 3), np.uint8), ['nose', 'neck'])\n"
+        "assert len(r[0]) == 2\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'locllm_training')]\n"
+        "print('IMPORTED', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _env():
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "sdk"), env.get("PYTHONPATH", "")])
+    return env
