@@ -11,6 +11,19 @@ for sub in ("sdk", "training", "export", "tests"):
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """Format-trained tiny checkpoints and their ONNX engines, 2D and 3D (built once)."""

@@ -16,7 +16,8 @@ from .base import Backend
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, checkpoint: Path, threads: int | None = None, merged: bool = False):
+    def __init__(self, checkpoint: Path | None = None, threads: int | None = None, merged: bool = False, model=None):
+        """From a checkpoint directory, or (``model=``) a LocLLM already in memory."""
         try:
             import torch
             from locllm_training.graphs import DecoderStep, VisionTower, empty_past
@@ -28,7 +29,7 @@ class TorchBackend(Backend):
         self._torch = torch
         if threads:
             torch.set_num_threads(threads)
-        self.model = load_checkpoint(checkpoint, with_lora=not merged)
+        self.model = model if model is not None else load_checkpoint(checkpoint, with_lora=not merged)
         self.vision = VisionTower(self.model).eval()
         self.step = DecoderStep(self.model.llm).eval()
         self._empty_past = lambda b: empty_past(self.model.llm.config, b)

@@ -1,0 +1,107 @@
+"""training/train.py on a few SynthPose images: loss falls, resume works, and the final
+checkpoint serves through Pose with torch and ORT backends agreeing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from locllm_sdk import Pose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    for split, n, seed in (("train", 12, 1), ("val", 3, 2)):
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "training" / "make_synthpose.py"),
+                "--output",
+                str(out),
+                "--images",
+                str(n),
+                "--seed",
+                str(seed),
+                "--split",
+                split,
+                "--persons",
+                "1",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return out
+
+
+def train(init, out, synth, steps, save_every):
+    cmd = [
+        sys.executable,
+        str(ROOT / "training" / "train.py"),
+        "--init",
+        str(init),
+        "--output",
+        str(out),
+        "--train-coco",
+        str(synth / "annotations" / "person_keypoints_train.json"),
+        "--val-coco",
+        str(synth / "annotations" / "person_keypoints_val.json"),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--train-llm",
+        "full",
+        "--save-every",
+        str(save_every),
+        "--eval-every",
+        "1000",
+        "--eval-persons",
+        "3",
+        "--workers",
+        "0",
+        "--log-every",
+        "2",
+        "--seed",
+        "0",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_train_resume_and_serve(synth, tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_checkpoint, out, synth, steps=8, save_every=8)
+    first = json.loads((out / "trainer" / "checkpoint-8" / "trainer_state.json").read_text())
+    # a second invocation with more steps resumes from checkpoint-8 instead of restarting
+    run = train(tiny_checkpoint, out, synth, steps=16, save_every=8)
+    assert "resuming from" in run.stdout and "checkpoint-8" in run.stdout
+    state = json.loads((out / "trainer" / "checkpoint-16" / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 16
+    # the resumed run continues the first run's history rather than restarting it
+    assert state["log_history"][: len(first["log_history"])] == first["log_history"]
+    assert losses[-1] < losses[0] - 1.5, losses  # ~10.5 (uniform over 32k tokens) falls fast
+    final = out / "final"
+    assert (final / "validation.json").is_file()
+    metrics = json.loads((final / "validation.json").read_text())
+    assert {"pck", "loss_true_images", "loss_swapped_images"} <= set(metrics)
+    # the trained checkpoint serves: torch and ORT agree
+    from locllm_export.build import build_onnx_engine
+
+    engine = tmp_path / "engine"
+    build_onnx_engine(final, engine)
+    img = np.random.default_rng(0).integers(0, 255, (200, 150, 3)).astype(np.uint8)
+    a = Pose(final, backend="torch").locate(img, ["nose", "left knee", "right wrist"])
+    b = Pose(engine).locate(img, ["nose", "left knee", "right wrist"])
+    assert [k.answer for k in a[0]] == [k.answer for k in b[0]]

@@ -1,0 +1,281 @@
+"""Training data: person records from COCO-keypoints JSON (2D) or the 3D companion,
+turned into LocLLM instruction conversations with the shared protocol module.
+
+A sample is one person crop (the official affine crop, with scale / rotation / flip
+augmentation) and up to 5 rounds "Keypoint: ... Question: ... Answer: [0.xxx,0.yyy]</s>",
+loss on the answers (and their </s>) only, exactly as the original code trains.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from locllm_sdk.crop import affine_transform, box_to_center_scale, normalize, sanitize_box
+from locllm_sdk.descriptions import DescriptionLibrary
+from locllm_sdk.protocol import EOS_TEXT, IMAGE_PATCH_TOKEN, PromptTokenizer, format_answer
+
+IGNORE = -100
+COCO17 = (
+    "nose", "left eye", "right eye", "left ear", "right ear", "left shoulder", "right shoulder", "left elbow",
+    "right elbow", "left wrist", "right wrist", "left hip", "right hip", "left knee", "right knee", "left ankle",
+    "right ankle",
+)  # fmt: skip
+
+
+@dataclass
+class PersonRecord:
+    image: Path
+    box: tuple[float, float, float, float]  # x, y, w, h
+    names: tuple[str, ...]
+    joints: np.ndarray  # [K,2] image pixels
+    visible: np.ndarray  # [K] bool (COCO v >= 1)
+    z: np.ndarray | None = None  # [K] normalised depth (3D), H36M convention
+    image_size: tuple[int, int] = (0, 0)  # (height, width)
+    meta: dict = field(default_factory=dict)
+
+
+def load_coco(json_path: str | Path, image_dir: str | Path | None = None, extended: bool = True) -> list[PersonRecord]:
+    """Persons of a COCO-keypoints file. With ``extended`` and a SynthPose file, all joints
+    (``keypoints_ext``); otherwise the category's ``keypoints`` (COCO-17 names)."""
+    json_path = Path(json_path)
+    doc = json.loads(json_path.read_text())
+    image_dir = Path(image_dir) if image_dir else _guess_image_dir(json_path, doc)
+    cat = doc["categories"][0]
+    use_ext = extended and "keypoint_names_ext" in cat
+    names = tuple(cat["keypoint_names_ext"] if use_ext else [n.replace("_", " ") for n in cat["keypoints"]])
+    if not use_ext and len(names) == 17:
+        names = COCO17
+    images = {im["id"]: im for im in doc["images"]}
+    out = []
+    for ann in doc["annotations"]:
+        kps = np.asarray(ann["keypoints_ext" if use_ext else "keypoints"], np.float64).reshape(-1, 3)
+        if ann.get("iscrowd") or not (kps[:, 2] > 0).any():
+            continue
+        im = images[ann["image_id"]]
+        out.append(
+            PersonRecord(
+                image=image_dir / im["file_name"],
+                box=tuple(ann["bbox"]),
+                names=names,
+                joints=kps[:, :2].copy(),
+                visible=kps[:, 2] > 0,
+                image_size=(im["height"], im["width"]),
+                meta={"image_id": ann["image_id"], "ann_id": ann["id"]},
+            )
+        )
+    return out
+
+
+def load_companion(
+    json_path: str | Path, coco_json: str | Path, image_dir: str | Path | None = None
+) -> list[PersonRecord]:
+    """The 3D companion (camera joints, z_norm = root-relative depth / 2000 + 0.5) joined
+    with its COCO file for boxes and images."""
+    comp = json.loads(Path(json_path).read_text())
+    z_by_ann = {a["id"]: np.asarray(a["z_norm"], np.float64) for a in comp["annotations"]}
+    records = load_coco(coco_json, image_dir, extended=True)
+    for r in records:
+        r.z = z_by_ann[r.meta["ann_id"]]
+    return records
+
+
+def _guess_image_dir(json_path: Path, doc: dict) -> Path:
+    # SynthPose layout: DIR/annotations/person_keypoints_<split>.json + DIR/images/<split>/
+    split = json_path.stem.rsplit("_", 1)[-1]
+    for cand in (json_path.parent.parent / "images" / split, json_path.parent.parent / "images", json_path.parent):
+        if doc["images"] and (cand / doc["images"][0]["file_name"]).is_file():
+            return cand
+    return json_path.parent
+
+
+def flip_name(name: str) -> str:
+    if name.startswith("left "):
+        return "right " + name[5:]
+    if name.startswith("right "):
+        return "left " + name[6:]
+    return name
+
+
+# Relational (novel-keypoint) targets: midpoints of joint pairs, described as the paper
+# describes neck and pelvis ("typically situated between ..."), so the model learns to read
+# a description instead of memorising fixed sentences.
+MIDPOINT_TEMPLATES = (
+    "The {name} is the point halfway between the {a} and the {b}.",
+    "The {name} is typically located between the {a} and the {b}, at the middle of the two.",
+    "The {name} lies in the middle of the {a} and the {b}.",
+    "The {name} is typically situated between the {a} and the {b}.",
+)
+
+
+@dataclass
+class ConversationConfig:
+    image_size: int = 224
+    dims: int = 2
+    max_rounds: int = 5
+    augment: bool = True
+    scale_factor: float = 0.3
+    rotation: float = 40.0
+    flip: bool = True
+    exclude: tuple[str, ...] = ()  # keypoints never trained on (novel-keypoint experiments)
+    midpoint_prob: float = 0.0  # chance that a round asks for a relational midpoint
+    # midpoint pairs that would leak a held-out keypoint (e.g. shoulders -> neck)
+    banned_pairs: tuple[tuple[str, str], ...] = ()
+    norm_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)
+    norm_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    def __init__(
+        self,
+        records: list[PersonRecord],
+        tokenizer: PromptTokenizer,
+        num_patches: int,
+        config: ConversationConfig,
+        library: DescriptionLibrary | None = None,
+        seed: int = 0,
+    ):
+        self.records = records
+        self.tok = tokenizer
+        self.cfg = config
+        self.library = library or DescriptionLibrary.load()
+        self.prefix = tokenizer.prefix_ids(num_patches)
+        self.seed = seed
+        self.epoch = 0
+        missing = {n for r in records for n in r.names if n not in self.library and n not in config.exclude}
+        if missing:
+            raise ValueError(f"keypoints without a description in the library: {sorted(missing)}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def crop(self, rec: PersonRecord, rng: random.Random):
+        img = cv2.imread(str(rec.image), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if img is None:
+            raise FileNotFoundError(f"cannot read training image {rec.image}")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        h, w = img.shape[:2]
+        center, scale = box_to_center_scale(sanitize_box(rec.box, w, h))
+        joints, names = rec.joints.copy(), list(rec.names)
+        rot = 0.0
+        cfg = self.cfg
+        if cfg.augment:
+            sf = cfg.scale_factor
+            scale = scale * float(np.clip(rng.gauss(0, 1) * sf + 1, 1 - sf, 1 + sf))
+            rot = rng.uniform(-cfg.rotation, cfg.rotation) if rng.random() <= 0.5 else 0.0
+            if cfg.flip and rng.random() <= 0.5:
+                img = img[:, ::-1, :]
+                joints[:, 0] = w - joints[:, 0] - 1
+                names = [flip_name(n) for n in names]
+                center = center.copy()
+                center[0] = w - center[0] - 1
+        s = cfg.image_size
+        trans = affine_transform(center, scale, rot, s)
+        crop = cv2.warpAffine(np.ascontiguousarray(img), trans, (s, s), flags=cv2.INTER_LINEAR)
+        pts = joints @ trans[:, :2].T + trans[:, 2]
+        return crop, pts, names
+
+    def rounds_for(self, rec: PersonRecord, pts: np.ndarray, names: list[str], rng: random.Random):
+        s = self.cfg.image_size
+        inside = rec.visible & (pts[:, 0] >= 0) & (pts[:, 0] < s) & (pts[:, 1] >= 0) & (pts[:, 1] < s)
+        index = {n: i for i, n in enumerate(names)}
+        choices = [i for i in range(len(names)) if inside[i] and names[i] not in self.cfg.exclude]
+        rng.shuffle(choices)
+        out = []
+        for i in choices[: self.cfg.max_rounds]:
+            name = names[i]
+            if self.cfg.midpoint_prob and rng.random() < self.cfg.midpoint_prob:
+                mid = self._midpoint(index, inside, pts, rec, rng)
+                if mid is not None:
+                    out.append(mid)
+                    continue
+            values = [pts[i, 0] / s, pts[i, 1] / s]
+            if self.cfg.dims == 3:
+                values.append(float(rec.z[i]))  # a flip mirrors x only: joint i keeps its depth
+            out.append((name, self.library.descriptions[name], values))
+        return out
+
+    def _midpoint(self, index, inside, pts, rec, rng):
+        cands = [n for n, i in index.items() if inside[i] and n not in self.cfg.exclude]
+        if len(cands) < 2:
+            return None
+        for _ in range(5):
+            a, b = rng.sample(cands, 2)
+            if (a, b) in self.cfg.banned_pairs or (b, a) in self.cfg.banned_pairs:
+                continue
+            p = (pts[index[a]] + pts[index[b]]) / 2
+            name = f"midpoint of the {a} and the {b}"
+            desc = rng.choice(MIDPOINT_TEMPLATES).format(name=name, a=a, b=b)
+            desc = desc[0].upper() + desc[1:]
+            values = [p[0] / self.cfg.image_size, p[1] / self.cfg.image_size]
+            if self.cfg.dims == 3:
+                values.append(float((rec.z[index[a]] + rec.z[index[b]]) / 2))
+            return name, desc, values
+        return None
+
+    def __getitem__(self, idx: int) -> dict:
+        rng = random.Random(hash((self.seed, self.epoch, idx)))
+        rec = self.records[idx]
+        crop, pts, names = self.crop(rec, rng)
+        rounds = self.rounds_for(rec, pts, names, rng)
+        ids, labels = list(self.prefix), [IGNORE] * len(self.prefix)
+        for name, desc, values in rounds:
+            values = [min(max(v, 0.0), 0.999) for v in values]
+            head = self.tok.round_ids(name, desc)
+            full = self.tok.round_ids(name, desc, answer=format_answer(values))
+            ids += full
+            labels += [IGNORE] * len(head) + full[len(head) :]
+        pixels = normalize(crop[None], self.cfg.norm_mean, self.cfg.norm_std)[0]
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "rounds": len(rounds)}
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Stage 1 (projector alignment): LLaVA-format captions, loss on the caption only."""
+
+    def __init__(
+        self,
+        llava_json: str | Path,
+        image_dir: str | Path,
+        tokenizer: PromptTokenizer,
+        num_patches: int,
+        config: ConversationConfig,
+    ):
+        self.items = json.loads(Path(llava_json).read_text())
+        self.image_dir = Path(image_dir)
+        self.tok, self.cfg = tokenizer, config
+        self.prefix = tokenizer.prefix_ids(num_patches)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict:
+        item = self.items[idx]
+        img = cv2.cvtColor(cv2.imread(str(self.image_dir / item["image"])), cv2.COLOR_BGR2RGB)
+        s = self.cfg.image_size
+        crop = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
+        caption = next(t["value"] for t in item["conversations"] if t["from"] == "gpt")
+        cont = self.tok.encode(IMAGE_PATCH_TOKEN + "\n" + caption.strip() + EOS_TEXT, add_bos=False)[1:]
+        ids = list(self.prefix) + cont
+        labels = [IGNORE] * len(self.prefix) + cont
+        pixels = normalize(crop[None], self.cfg.norm_mean, self.cfg.norm_std)[0]
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "rounds": 1}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    pixels = torch.from_numpy(np.stack([b["pixel_values"] for b in batch]))
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
