@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a backend this machine cannot run is reported, not hidden
             rows.append({"backend": backend, "status": f"not run: {e}"})
             continue
-        precision = manifest.get("precision", {}).get("decoder", "?")
+        entry = manifest["backends"][backend]
+        # a backend may record its own decoder precision (tensorrt: fp16/bf16/fp8)
+        precision = entry.get("decoder_precision") or manifest.get("precision", {}).get("decoder", "?")
         r = compare(reference, candidate, data, keypoints)
         claims_parity = precision == "fp32"
         ok = r["exact_match"] == 1.0 and r["max_score_diff"] <= SCORE_TOLERANCE

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 _ROOT = Path(__file__).resolve().parent.parent
-for _sub in ("sdk", "training", "export"):
+for _sub in ("sdk", "training", "export", "benchmarks"):
     sys.path.insert(0, str(_ROOT / _sub))
 
 
@@ -72,6 +72,32 @@ def person_flops(manifest: dict, prefix_len: int, suffix_len: int, k: int, passe
     return vit + 2 * layer_params * lm_tokens + attn + head
 
 
+def keypoint_requests(library, k: int):
+    """k keypoints: COCO-17 first, then the library's others, then relational midpoints."""
+    coco = list(library.skeletons["coco17"].keypoints)
+    names = {n: library.descriptions[n] for n in coco + [n for n in library.descriptions if n not in coco]}
+    for i, a in enumerate(coco):
+        for b in coco[i + 1 :]:
+            if len(names) >= k:
+                break
+            names[f"midpoint of the {a} and the {b}"] = f"It is the point halfway between the {a} and the {b}."
+    return library.resolve(dict(list(names.items())[:k]))
+
+
+def timed(fns: dict, reps: int, warmup: int) -> tuple[dict, dict]:
+    """Interleaved timing: every rep runs every method once, so load hits all alike."""
+    outputs, times = {}, {m: [] for m in fns}
+    for m, fn in fns.items():
+        for _ in range(warmup):
+            outputs[m] = fn()
+    for _ in range(reps):
+        for m, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t)
+    return outputs, times
+
+
 def pct(xs, q):
     return float(np.percentile(xs, q))
 
@@ -87,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keypoints", type=int, default=17, help="keypoints per person (from coco17 + extras)")
     ap.add_argument("--methods", default="reference,sdk-torch,sdk-ort")
     ap.add_argument("--threads", type=int, default=None, help="threads for torch and ORT (default: all cores)")
-    ap.add_argument("--out", type=Path, help="write results JSON here")
+    ap.add_argument("--sections", default="compare,ablation,scaling", help="compare, ablation, scaling")
+    ap.add_argument("--out", type=Path, help="write results JSON (and the scaling plot) here")
     args = ap.parse_args(argv)
 
     import torch
@@ -135,15 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "sdk-torch": lambda: torch_pose.locate(img, {r.name: r.description for r in requests}, [box]),
         "sdk-ort": lambda: ort_pose.locate(img, {r.name: r.description for r in requests}, [box]),
     }
-    outputs, times = {}, {m: [] for m in methods}
-    for m in methods:
-        for _ in range(args.warmup):
-            outputs[m] = runners[m]()
-    for _ in range(args.reps):
-        for m in methods:  # interleaved: the machine's mood hits every method alike
-            t = time.perf_counter()
-            runners[m]()
-            times[m].append(time.perf_counter() - t)
+    outputs, times = timed({m: runners[m] for m in methods}, args.reps, args.warmup)
 
     gflops = matmul_peak_gflops()
     passes = outputs["sdk-ort"].info["decoder_passes"] if "sdk-ort" in outputs else None
@@ -221,10 +240,105 @@ def main(argv: list[str] | None = None) -> int:
     if agreement is not None:
         print(f"reference (greedy) vs sdk-ort (constrained) identical answers: {100 * agreement:.0f}%")
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    sections = {x.strip() for x in args.sections.split(",")}
+    g = crop_geometry(box, img.shape[:2], ort_pose.spec.image_size)
+    pixels = normalize(warp(img, g)[None], ort_pose.spec.norm_mean, ort_pose.spec.norm_std)
+    if "ablation" in sections:
+        result["ablation"] = ablation_ladder(ort_pose, pixels, requests, args.reps, args.warmup)
+    if "scaling" in sections:
+        result["scaling"] = scaling(ort_pose, img, args.reps, args.warmup)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"throughput_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if "scaling" in result:
+            plot_scaling(result, args.out / f"scaling_{label}.png")
+            print(f"plots: {args.out / f'scaling_{label}.png'}")
     return 0
+
+
+def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict]:
+    from ablation import RUNGS, run_rung
+
+    outputs, times = timed({r: (lambda r=r: run_rung(r, pose, pixels, requests)) for r in RUNGS}, reps, warmup)
+    base = statistics.median(times[RUNGS[0]])
+    rows, prev = [], None
+    print(f"ablation ({len(requests)} keypoints, 1 person, onnxruntime):")
+    print(f"  {'rung':<22}{'p50 ms':>10}{'vs naive':>10}{'vs prev':>9}  answers == previous rung")
+    for r in RUNGS:
+        p50 = statistics.median(times[r])
+        same = None if prev is None else outputs[r] == outputs[prev]
+        rows.append(
+            {
+                "rung": r,
+                "p50_ms": 1e3 * p50,
+                "speedup_vs_naive": base / p50,
+                "speedup_vs_previous": None if prev is None else statistics.median(times[prev]) / p50,
+                "answers_equal_previous": same,
+            }
+        )
+        vs_prev = "" if prev is None else f"{rows[-1]['speedup_vs_previous']:.2f}x"
+        print(f"  {r:<22}{1e3 * p50:>10.1f}{base / p50:>9.1f}x{vs_prev:>9}  {'' if same is None else same}")
+        prev = r
+    return rows
+
+
+def scaling(pose, img, reps: int, warmup: int) -> dict:
+    rng = np.random.default_rng(1)
+    h, w = img.shape[:2]
+    out: dict = {"keypoints": [], "persons": []}
+    for k in (1, 2, 4, 8, 17, 32, 64):
+        req = {r.name: r.description for r in keypoint_requests(pose.library, k)}
+        _, t = timed({"x": lambda req=req: pose.locate(img, req, [[40.0, 30.0, 260.0, 420.0]])}, reps, warmup)
+        out["keypoints"].append({"keypoints": k, "p50_ms": 1e3 * statistics.median(t["x"])})
+    req17 = {r.name: r.description for r in keypoint_requests(pose.library, 17)}
+    for n in (1, 2, 4, 8, 16):
+        boxes = []
+        for _ in range(n):
+            bw, bh = rng.uniform(0.3, 0.6) * w, rng.uniform(0.4, 0.8) * h
+            boxes.append([float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh)), float(bw), float(bh)])
+        _, t = timed({"x": lambda b=boxes: pose.locate(img, req17, b)}, reps, warmup)
+        out["persons"].append({"persons": n, "p50_ms": 1e3 * statistics.median(t["x"])})
+    ks = np.array([r["keypoints"] for r in out["keypoints"]], float)
+    ms = np.array([r["p50_ms"] for r in out["keypoints"]], float)
+    slope = float(np.polyfit(ks, ms, 1)[0])  # ms per additional keypoint
+    out["ms_per_extra_keypoint"] = slope
+    out["one_keypoint_ms"] = float(ms[0])
+    out["extra_keypoint_fraction_of_one"] = slope / float(ms[0])
+    print("scaling (sdk-ort):")
+    print("  keypoints: " + ", ".join(f"{r['keypoints']}: {r['p50_ms']:.0f} ms" for r in out["keypoints"]))
+    print("  persons (17 kpts): " + ", ".join(f"{r['persons']}: {r['p50_ms']:.0f} ms" for r in out["persons"]))
+    print(f"  one more keypoint costs {slope:.1f} ms = {100 * slope / ms[0]:.1f}% of the one-keypoint latency")
+    return out
+
+
+def plot_scaling(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = result["scaling"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    k = [r["keypoints"] for r in sc["keypoints"]]
+    axes[0].plot(k, [r["p50_ms"] for r in sc["keypoints"]], "o-", label="sdk (onnxruntime)")
+    ref = next((r for r in result["rows"] if r["method"] == "reference"), None)
+    if ref:
+        per_kpt = ref["p50_ms"] / result["keypoints"]
+        axes[0].plot(k, [per_kpt * x for x in k], "--", color="gray", label="reference (linear in keypoints)")
+    axes[0].set_xlabel("keypoints per person")
+    axes[0].set_ylabel("latency p50 (ms)")
+    axes[0].set_title("latency vs keypoints (1 person)")
+    axes[0].legend()
+    p = [r["persons"] for r in sc["persons"]]
+    axes[1].plot(p, [r["p50_ms"] for r in sc["persons"]], "o-")
+    axes[1].set_xlabel("persons per image")
+    axes[1].set_ylabel("latency p50 (ms)")
+    axes[1].set_title("latency vs persons (17 keypoints each)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['model']} ({result['parameters'] / 1e6:.0f}M params), {result['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
 """Build a LocLLM engine directory from a checkpoint.
 
     python export/build_engines.py --checkpoint ckpt/tiny --output engines/tiny [--targets onnx]
+    python export/build_engines.py --checkpoint CKPT --output ENGINE --targets onnx,tensorrt,trtllm --precision fp16
+    python export/build_engines.py --checkpoint CKPT --output ENGINE --targets tensorrt,trtllm --dry-run
 
-Merges LoRA (fp32, checked), exports the vision tower and the decoder step to ONNX, writes
-the embedding table, tokenizer, descriptions and manifest.json, and verifies the graphs in
-ONNX Runtime against PyTorch before the directory appears.
+onnx: merges LoRA (fp32, checked), exports the vision tower and the decoder step to ONNX,
+writes the embedding table, tokenizer, descriptions and manifest.json, and verifies the
+graphs in ONNX Runtime against PyTorch before the directory appears.
+
+tensorrt,trtllm (on the NVIDIA GPU that will serve the engine; see docs/gpu.md): a TensorRT
+plan of the vision tower (parity-gated against vision.onnx) and a TensorRT-LLM engine of the
+decoder, added to the engine directory as backends.tensorrt. They build on the ONNX target:
+without ``onnx`` in --targets an existing ONNX engine directory at --output is extended.
+--dry-run prints the exact plan and builds nothing (no GPU, TensorRT or ONNX export needed).
 """
 
 from __future__ import annotations
@@ -17,28 +25,167 @@ _ROOT = Path(__file__).resolve().parent.parent
 for _sub in ("export", "training", "sdk"):
     sys.path.insert(0, str(_ROOT / _sub))  # run from a clone without install
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "tensorrt", "trtllm")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _vision_batch(text: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("--vision-batch takes MIN,OPT,MAX (e.g. 1,4,32)") from e
+    return lo, opt, hi
+
+
+def _parser() -> argparse.ArgumentParser:
+    from locllm_export.tensorrt_plan import DECODER_PRECISIONS, VISION_PRECISIONS, BuildOptions
+
+    d = BuildOptions()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (our format)")
     ap.add_argument("--output", required=True, type=Path, help="engine directory to write")
     ap.add_argument("--targets", default="onnx", help=f"comma-separated, from {TARGETS}")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
+    ap.add_argument(
+        "--layerscale",
+        choices=("checkpoint", "dino-file"),
+        default="checkpoint",
+        help="public LocLLM dirs: LayerScale gammas from the checkpoint or from --dino-weights",
+    )
+    ap.add_argument("--dino-weights", type=Path, help="DINOv2 weights file for --layerscale dino-file")
+    ap.add_argument("--dry-run", action="store_true", help="print the TensorRT/TensorRT-LLM plan, build nothing")
+    gpu = ap.add_argument_group("tensorrt / trtllm targets")
+    gpu.add_argument("--precision", default=d.precision, choices=DECODER_PRECISIONS, help="decoder precision")
+    gpu.add_argument(
+        "--vision-precision",
+        default=d.vision_precision,
+        choices=VISION_PRECISIONS,
+        help="ViT precision (LayerNorm and softmax stay fp32)",
+    )
+    gpu.add_argument(
+        "--max-batch-size", type=int, default=d.max_batch_size, help="keypoint requests in flight in TensorRT-LLM"
+    )
+    gpu.add_argument(
+        "--vision-batch", type=_vision_batch, default=d.vision_batch, help="ViT optimization profile MIN,OPT,MAX crops"
+    )
+    gpu.add_argument("--tokens-per-block", type=int, default=d.tokens_per_block, help="paged KV block size")
+    gpu.add_argument("--max-description-tokens", type=int, default=d.max_description_tokens)
+    gpu.add_argument("--workspace-gib", type=float, default=d.workspace_gib)
+    gpu.add_argument("--calib-dataset", default=d.calib_dataset, help="fp8 calibration dataset (TensorRT-LLM)")
+    gpu.add_argument("--calib-size", type=int, default=d.calib_size)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         ap.error(f"unknown target(s) {unknown}; available: {', '.join(TARGETS)}")
+    nvidia = [t for t in targets if t in ("tensorrt", "trtllm")]
+    if nvidia and set(nvidia) != {"tensorrt", "trtllm"}:
+        ap.error("the tensorrt backend needs both targets: pass --targets tensorrt,trtllm (with onnx if not built yet)")
+    if args.dry_run and not nvidia:
+        ap.error("--dry-run prints the TensorRT/TensorRT-LLM plan: add --targets tensorrt,trtllm")
+
+    if nvidia:
+        from locllm_export.tensorrt_plan import BuildOptions, PlanError
+
+        opts = BuildOptions(
+            precision=args.precision,
+            vision_precision=args.vision_precision,
+            max_batch_size=args.max_batch_size,
+            vision_batch=args.vision_batch,
+            tokens_per_block=args.tokens_per_block,
+            max_description_tokens=args.max_description_tokens,
+            workspace_gib=args.workspace_gib,
+            calib_dataset=args.calib_dataset,
+            calib_size=args.calib_size,
+        )
+        try:
+            opts.validate()
+        except PlanError as e:
+            ap.error(str(e))
+        if args.dry_run:
+            return _dry_run(args, targets, opts)
+
     from locllm_export.build import ExportVerificationError, build_onnx_engine
 
+    if nvidia:
+        # a public LocLLM dir is converted once, for every target (the ONNX build would do it alone)
+        from locllm_training.official import convert_official, is_official_checkpoint
+
+        if is_official_checkpoint(args.checkpoint):
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix="locllm-converted-")
+            convert_official(
+                args.checkpoint,
+                Path(tmp.name) / "checkpoint",
+                layerscale=args.layerscale,
+                dino_weights=args.dino_weights,
+            )
+            args.checkpoint = Path(tmp.name) / "checkpoint"
+    if "onnx" in targets:
+        try:
+            report = build_onnx_engine(
+                args.checkpoint,
+                args.output,
+                overwrite=args.overwrite,
+                layerscale=args.layerscale,
+                dino_weights=args.dino_weights,
+            )
+        except (ExportVerificationError, FileExistsError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(report.summary())
+    if nvidia:
+        from locllm_export.tensorrt_build import GpuBuildUnavailable, build_tensorrt_targets
+        from locllm_sdk.engine import EngineError
+
+        try:
+            result = build_tensorrt_targets(args.output, args.checkpoint, opts)
+        except (GpuBuildUnavailable, EngineError, ExportVerificationError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"tensorrt/trtllm written to {args.output / 'tensorrt'} on {result['build_machine']['gpu_name']}")
+        print(f"  vision min per-token cosine vs vision.onnx: {result['parity']['vision_min_token_cosine']:.6f}")
+        print(
+            f"  decoder precision {opts.precision}: run benchmarks/parity.py --checkpoint "
+            f"{args.checkpoint} --engine {args.output} for its parity report"
+        )
+    return 0
+
+
+def _dry_run(args, targets: list[str], opts) -> int:
+    """Print the plan from the checkpoint's facts (pure: no torch, no TensorRT, no GPU)."""
+    from locllm_export.tensorrt_plan import ModelFacts, PlanError, format_plan, make_plan
+    from locllm_sdk.engine import EngineError, read_manifest
+
+    existing = None
+    if "onnx" not in targets:
+        try:
+            existing = read_manifest(args.output)
+        except EngineError as e:
+            print(f"error: {e} (add onnx to --targets to build it first)", file=sys.stderr)
+            return 1
     try:
-        report = build_onnx_engine(args.checkpoint, args.output, overwrite=args.overwrite)
-    except (ExportVerificationError, FileExistsError, FileNotFoundError, ValueError) as e:
+        facts = (
+            ModelFacts.from_manifest(args.output, existing)
+            if existing is not None
+            else ModelFacts.from_checkpoint(args.checkpoint)
+        )
+        plan = make_plan(facts, opts, work_dir="<tmp>", engine_dir=str(args.output))
+    except (PlanError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(report.summary())
+    if existing is not None:
+        note = f"reuse the existing ONNX engine at {args.output} (not rebuilt)"
+    else:
+        note = (
+            f"would run build_onnx_engine({str(args.checkpoint)!r}, {str(args.output)!r}) first (skipped in a dry run)"
+        )
+    print(format_plan(plan, note))
     return 0
 
 

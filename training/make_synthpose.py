@@ -35,8 +35,7 @@ from locllm_training.synthpose.skeleton import EXT_LIMBS, FLIP_PAIRS
 
 # Huffman-only deflate: ~2x faster than the default on noisy images and smaller files;
 # PNG is lossless, so this never changes pixels.
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1,
-              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 
 
 def parse_persons(text: str) -> tuple[int, int]:
@@ -58,15 +57,20 @@ def draw_skeleton(img: np.ndarray, sample: Sample) -> np.ndarray:
         cv2.rectangle(out, (int(x), int(y)), (int(x + w), int(y + h)), (255, 255, 255), 1)
         for a, b in EXT_LIMBS:
             if p.vis[a] > 0 and p.vis[b] > 0:
-                cv2.line(out, tuple(int(v) for v in np.round(p.joints_2d[a] * 4)),
-                         tuple(int(v) for v in np.round(p.joints_2d[b] * 4)), (0, 220, 255), 1,
-                         cv2.LINE_AA, 2)
+                cv2.line(
+                    out,
+                    tuple(int(v) for v in np.round(p.joints_2d[a] * 4)),
+                    tuple(int(v) for v in np.round(p.joints_2d[b] * 4)),
+                    (0, 220, 255),
+                    1,
+                    cv2.LINE_AA,
+                    2,
+                )
         for k, (u, v) in enumerate(p.joints_2d):
             if p.vis[k] == 0:
                 continue
             col = (0, 255, 0) if k in left else (0, 0, 255) if k in right else (255, 255, 0)
-            cv2.circle(out, (int(round(u * 4)), int(round(v * 4))), 8, col,
-                       -1 if p.vis[k] == 2 else 1, cv2.LINE_AA, 2)
+            cv2.circle(out, (int(round(u * 4)), int(round(v * 4))), 8, col, -1 if p.vis[k] == 2 else 1, cv2.LINE_AA, 2)
     return out
 
 
@@ -123,10 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         pool.join()
     dt = time.perf_counter() - t0
     ann_dir = root / "annotations"
-    write_json(ann_dir / f"person_keypoints_{args.split}.json",
-               coco_document(images, anns, args.split, args.seed))
-    write_json(ann_dir / f"synthpose3d_{args.split}.json",
-               companion_document(images3d, anns3d, args.split, args.seed))
+    write_json(ann_dir / f"person_keypoints_{args.split}.json", coco_document(images, anns, args.split, args.seed))
+    write_json(ann_dir / f"synthpose3d_{args.split}.json", companion_document(images3d, anns3d, args.split, args.seed))
     if args.captions:
         write_json(ann_dir / f"captions_{args.split}.json", caps)
     if args.preview and previews:
@@ -134,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = int(np.ceil(len(previews) / cols))
         blank = np.zeros_like(previews[0])
         previews += [blank] * (rows * cols - len(previews))
-        grid = np.concatenate([np.concatenate(previews[r * cols:(r + 1) * cols], 1)
-                               for r in range(rows)], 0)
+        grid = np.concatenate([np.concatenate(previews[r * cols : (r + 1) * cols], 1) for r in range(rows)], 0)
         os.makedirs(os.path.dirname(os.path.abspath(args.preview)), exist_ok=True)
         cv2.imwrite(args.preview, grid)
-    print(f"wrote {len(images)} images, {len(anns)} persons to {root} "
-          f"in {dt:.2f}s ({len(images) / max(dt, 1e-9):.1f} images/s)")
+    print(
+        f"wrote {len(images)} images, {len(anns)} persons to {root} "
+        f"in {dt:.2f}s ({len(images) / max(dt, 1e-9):.1f} images/s)"
+    )
     return 0
 
 

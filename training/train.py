@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         ("log-every", int),
     ):
         ap.add_argument(f"--{name}", type=typ)
+    ap.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), help="final checkpoint dtype")
     ap.add_argument("--train-llm", choices=("lora", "full"), help="LoRA on q/v (paper) or the whole LM")
     ap.add_argument("--exclude", help="comma-separated keypoints held out of training")
     ap.add_argument("--no-bf16", action="store_true")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_rounds",
         "train_llm",
         "log_every",
+        "storage_dtype",
     ):
         v = getattr(args, key)
         if v is not None:

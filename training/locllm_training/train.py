@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     log_every: int = 10
+    storage_dtype: str | None = None  # e.g. "float16" for the final checkpoint file
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -259,7 +260,9 @@ def run(cfg: TrainConfig) -> Path:
         logging_steps=cfg.log_every,
         save_steps=cfg.save_every,
         save_total_limit=2,
-        save_safetensors=True,
+        # training state only (resumed with torch.load(weights_only=True)); safetensors refuses
+        # the tied embedding/lm_head pair of small LMs. The final checkpoint is safetensors.
+        save_safetensors=False,
         bf16=cfg.bf16,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=cfg.workers,
@@ -285,7 +288,11 @@ def run(cfg: TrainConfig) -> Path:
     final = out / "final"
     if trainer.is_world_process_zero():
         save_checkpoint(
-            model, cfg.init, final, extra={"trained": {"stage": cfg.stage, "steps": cfg.steps, "exclude": cfg.exclude}}
+            model,
+            cfg.init,
+            final,
+            extra={"trained": {"stage": cfg.stage, "steps": cfg.steps, "exclude": cfg.exclude}},
+            storage_dtype=getattr(torch, cfg.storage_dtype) if cfg.storage_dtype else None,
         )
         if val_fn:
             metrics = val_fn()

@@ -46,6 +46,8 @@ class OnnxRuntimeBackend(Backend):
                 f"ONNX Runtime did not enable {wanted} (sessions run on {actual}); refusing to pretend"
             )
         self.providers = actual
+        if wanted == "CUDAExecutionProvider":
+            self.name = "onnxruntime-cuda"
         self.embeddings = np.load(engine_dir / files["embeddings"], mmap_mode="r")
         m = manifest["model"]
         self.num_layers = int(m["num_layers"])

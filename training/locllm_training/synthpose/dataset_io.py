@@ -59,17 +59,24 @@ def z_norm(joints_cam: np.ndarray) -> np.ndarray:
     return (joints_cam[:, 2] - joints_cam[ROOT, 2]) / DEPTH_RANGE_MM + 0.5
 
 
-def sample_records(sample: Sample, image_id: int, first_ann_id: int, file_name: str
-                   ) -> tuple[dict, list[dict], dict, list[dict]]:
+def sample_records(
+    sample: Sample, image_id: int, first_ann_id: int, file_name: str
+) -> tuple[dict, list[dict], dict, list[dict]]:
     """COCO image + annotations and the matching 3D-companion records for one sample."""
     h, w = sample.image.shape[:2]
     img = {"id": image_id, "file_name": file_name, "width": w, "height": h}
     cam = sample.camera
-    img3d = dict(img, camera={
-        "fx": _r(cam.fx, 6), "fy": _r(cam.fy, 6), "cx": _r(cam.cx, 6), "cy": _r(cam.cy, 6),
-        "R": [[_r(v, 9) for v in row] for row in cam.R],
-        "t": [_r(v, 4) for v in cam.t],
-    })
+    img3d = dict(
+        img,
+        camera={
+            "fx": _r(cam.fx, 6),
+            "fy": _r(cam.fy, 6),
+            "cx": _r(cam.cx, 6),
+            "cy": _r(cam.cy, 6),
+            "R": [[_r(v, 9) for v in row] for row in cam.R],
+            "t": [_r(v, 4) for v in cam.t],
+        },
+    )
     anns, anns3d = [], []
     for k, p in enumerate(sample.persons):
         aid = first_ann_id + k
@@ -120,10 +127,14 @@ def companion_document(images: list[dict], anns: list[dict], split: str, seed: i
 
 def caption_record(sample: Sample, image_id: int, image_path: str, rng_index: int) -> dict:
     prompt = CAPTION_PROMPTS[rng_index % len(CAPTION_PROMPTS)]
-    return {"id": f"synthpose_{image_id:08d}", "image": image_path, "conversations": [
-        {"from": "human", "value": "<image>\n" + prompt},
-        {"from": "gpt", "value": caption(sample)},
-    ]}
+    return {
+        "id": f"synthpose_{image_id:08d}",
+        "image": image_path,
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + prompt},
+            {"from": "gpt", "value": caption(sample)},
+        ],
+    }
 
 
 def write_json(path: str | Path, obj: object) -> None:

@@ -89,13 +89,24 @@ def sample_pose(rng: np.random.Generator, kind: str | None = None) -> Pose:
         kind = POSE_KINDS[int(rng.choice(len(POSE_KINDS), p=POSE_WEIGHTS / POSE_WEIGHTS.sum()))]
     u = lambda lo, hi: _u(rng, lo, hi)  # noqa: E731 - local shorthand
     a: dict[str, float] = {
-        "spine_flex": u(-5, 10), "spine_lat": u(-6, 6), "spine_twist": u(-10, 10),
-        "head_yaw": u(-35, 35), "head_pitch": u(-15, 20), "head_roll": u(-10, 10),
+        "spine_flex": u(-5, 10),
+        "spine_lat": u(-6, 6),
+        "spine_twist": u(-10, 10),
+        "head_yaw": u(-35, 35),
+        "head_pitch": u(-15, 20),
+        "head_roll": u(-10, 10),
     }
     for s in ("l", "r"):  # relaxed defaults
-        a |= {f"sh_flex_{s}": u(-15, 25), f"sh_abd_{s}": u(3, 25), f"sh_rot_{s}": u(-10, 40),
-              f"elbow_{s}": u(5, 45), f"hip_flex_{s}": u(-5, 10), f"hip_abd_{s}": u(0, 10),
-              f"hip_rot_{s}": u(-10, 20), f"knee_{s}": u(0, 12)}
+        a |= {
+            f"sh_flex_{s}": u(-15, 25),
+            f"sh_abd_{s}": u(3, 25),
+            f"sh_rot_{s}": u(-10, 40),
+            f"elbow_{s}": u(5, 45),
+            f"hip_flex_{s}": u(-5, 10),
+            f"hip_abd_{s}": u(0, 10),
+            f"hip_rot_{s}": u(-10, 20),
+            f"knee_{s}": u(0, 12),
+        }
     pose = Pose(kind=kind, angles=a)
     sides = ("l", "r") if rng.random() < 0.5 else ("r", "l")
     if kind in ("walking", "running"):
@@ -153,9 +164,16 @@ def sample_pose(rng: np.random.Generator, kind: str | None = None) -> Pose:
             a[f"hip_flex_{s}"], a[f"knee_{s}"] = u(-5, 60), u(0, 70)
     # Clip every angle to the documented human joint limits.
     for k, v in a.items():
-        base = {"sh_flex": "shoulder_flex", "sh_abd": "shoulder_abd", "sh_rot": "shoulder_rot",
-                "hip_flex": "hip_flex", "hip_abd": "hip_abd", "hip_rot": "hip_rot",
-                "elbow": "elbow", "knee": "knee"}.get(k.rsplit("_", 1)[0], k)
+        base = {
+            "sh_flex": "shoulder_flex",
+            "sh_abd": "shoulder_abd",
+            "sh_rot": "shoulder_rot",
+            "hip_flex": "hip_flex",
+            "hip_abd": "hip_abd",
+            "hip_rot": "hip_rot",
+            "elbow": "elbow",
+            "knee": "knee",
+        }.get(k.rsplit("_", 1)[0], k)
         lo, hi = JOINT_LIMITS[base]
         a[k] = float(np.clip(v, lo, hi))
     return pose
@@ -169,8 +187,9 @@ class Skeleton3D:
     aux: dict[str, np.ndarray]  # extra surface points / frames used by the renderer
 
 
-def forward_kinematics(shape: BodyShape, pose: Pose, yaw_deg: float = 0.0,
-                       position: np.ndarray | None = None) -> Skeleton3D:
+def forward_kinematics(
+    shape: BodyShape, pose: Pose, yaw_deg: float = 0.0, position: np.ndarray | None = None
+) -> Skeleton3D:
     """Joint positions for a shape + pose, rotated by yaw about +y and standing on y = 0."""
     s, a, rad = shape.seg, pose.angles, shape.radius
     R0 = pose.root_rot
@@ -192,15 +211,13 @@ def forward_kinematics(shape: BodyShape, pose: Pose, yaw_deg: float = 0.0,
     for side, sx in (("l", 1.0), ("r", -1.0)):
         L = "left" if side == "l" else "right"
         sh = neck + R_chest @ np.array([sx * s["shoulder_half"], -s["shoulder_drop"], 0.0])
-        R_ua = (R_chest @ rz(sx * a[f"sh_abd_{side}"]) @ rx(-a[f"sh_flex_{side}"])
-                @ ry(sx * a[f"sh_rot_{side}"]))
+        R_ua = R_chest @ rz(sx * a[f"sh_abd_{side}"]) @ rx(-a[f"sh_flex_{side}"]) @ ry(sx * a[f"sh_rot_{side}"])
         el = sh + R_ua @ DOWN * s["upper_arm"]
         R_fa = R_ua @ rx(-a[f"elbow_{side}"])
         wr = el + R_fa @ DOWN * s["forearm"]
         hand = wr + R_fa @ rx(-10) @ DOWN * s["hand"]
         hip = pelvis + R0 @ np.array([sx * s["hip_half"], -0.25 * s["hip_half"], 0.0])
-        R_th = (R0 @ rz(sx * a[f"hip_abd_{side}"]) @ rx(-a[f"hip_flex_{side}"])
-                @ ry(sx * a[f"hip_rot_{side}"]))
+        R_th = R0 @ rz(sx * a[f"hip_abd_{side}"]) @ rx(-a[f"hip_flex_{side}"]) @ ry(sx * a[f"hip_rot_{side}"])
         kn = hip + R_th @ DOWN * s["thigh"]
         R_sh = R_th @ rx(a[f"knee_{side}"])
         an = kn + R_sh @ DOWN * s["shin"]
@@ -218,11 +235,11 @@ def forward_kinematics(shape: BodyShape, pose: Pose, yaw_deg: float = 0.0,
     jt[J["neck"]], jt[J["pelvis"]], jt[J["thorax"]], jt[J["torso"]] = neck, pelvis, thorax, torso
     # head_top sits just inside the crown so it projects onto the rendered head.
     jt[J["head_top"]] = head_c + R_head @ (np.array([0.0, 0.96, -0.08]) * head_r)
-    aux |= {"head_c": head_c, "neck_top": neck_top, "R_head": R_head, "R_chest": R_chest,
-            "R_abd": R_abd, "R_root": R0}
+    aux |= {"head_c": head_c, "neck_top": neck_top, "R_head": R_head, "R_chest": R_chest, "R_abd": R_abd, "R_root": R0}
     # Put the lowest body surface on the ground (feet, or the back when lying).
-    pts = np.stack([*jt, aux["toe_l"], aux["toe_r"], aux["heel_l"], aux["heel_r"], head_c,
-                    aux["hand_l"], aux["hand_r"]])
+    pts = np.stack(
+        [*jt, aux["toe_l"], aux["toe_r"], aux["heel_l"], aux["heel_r"], head_c, aux["hand_l"], aux["hand_r"]]
+    )
     radii = np.full(len(pts), rad["foot"])
     radii[J["pelvis"]] = radii[J["torso"]] = radii[J["thorax"]] = rad["torso_depth"]
     radii[-4] = head_r

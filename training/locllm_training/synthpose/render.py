@@ -77,8 +77,7 @@ def project_points(xc: np.ndarray, fx: float, fy: float, cx: float, cy: float) -
     return xc[..., :2] / z * np.array([fx, fy]) + np.array([cx, cy])
 
 
-def look_at(cam_pos: np.ndarray, target: np.ndarray, roll_deg: float = 0.0
-            ) -> tuple[np.ndarray, np.ndarray]:
+def look_at(cam_pos: np.ndarray, target: np.ndarray, roll_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """World->camera rotation and translation for a camera at cam_pos looking at target."""
     f = target - cam_pos
     f = f / np.linalg.norm(f)
@@ -107,8 +106,7 @@ class Appearance:
 
 
 def _shade(c: tuple[int, int, int], k: float, add: float = 0.0) -> tuple[int, int, int]:
-    return (min(255, int(c[0] * k + add)), min(255, int(c[1] * k + add)),
-            min(255, int(c[2] * k + add)))
+    return (min(255, int(c[0] * k + add)), min(255, int(c[1] * k + add)), min(255, int(c[2] * k + add)))
 
 
 def _fib_sphere(n: int) -> np.ndarray:
@@ -122,8 +120,13 @@ _SPHERE = _fib_sphere(80)  # head-frame directions (x left, y up, z forward)
 # Hair covers the back and the top of the head; the hairline sits above the eyes.
 _HAIR = _SPHERE[((_SPHERE[:, 2] < -0.1) & (_SPHERE[:, 1] > -0.5)) | (_SPHERE[:, 1] > 0.45)]
 _RING_N = 12
-_RING = np.stack([np.cos(np.linspace(0, 2 * np.pi, _RING_N, endpoint=False)),
-                  np.sin(np.linspace(0, 2 * np.pi, _RING_N, endpoint=False))], 1)
+_RING = np.stack(
+    [
+        np.cos(np.linspace(0, 2 * np.pi, _RING_N, endpoint=False)),
+        np.sin(np.linspace(0, 2 * np.pi, _RING_N, endpoint=False)),
+    ],
+    1,
+)
 
 
 class Painter:
@@ -145,17 +148,34 @@ class Painter:
         if lab is not None:
             cv2.circle(self.label, ci, ri, lab, -1, cv2.LINE_8, SHIFT)
 
-    def capsule(self, c0, c1, r0: float, r1: float,  # noqa: ANN001 - 2-sequences
-                color: tuple[int, int, int], lab: int | None, shade: bool = True) -> None:
+    def capsule(
+        self,
+        c0,
+        c1,
+        r0: float,
+        r1: float,  # noqa: ANN001 - 2-sequences
+        color: tuple[int, int, int],
+        lab: int | None,
+        shade: bool = True,
+    ) -> None:
         """Projected capsule: two end discs joined by a quad, then shading layers."""
         x0, y0, x1, y1 = float(c0[0]), float(c0[1]), float(c1[0]), float(c1[1])
         dx, dy = x1 - x0, y1 - y0
         n = math.hypot(dx, dy)
         px, py = (-dy / n, dx / n) if n > 1e-6 else (1.0, 0.0)
         S = SCALE
-        q = np.array([[(x0 + px * r0) * S, (y0 + py * r0) * S], [(x1 + px * r1) * S, (y1 + py * r1) * S],
-                      [(x1 - px * r1) * S, (y1 - py * r1) * S], [(x0 - px * r0) * S, (y0 - py * r0) * S]]
-                     ).round().astype(np.int32)
+        q = (
+            np.array(
+                [
+                    [(x0 + px * r0) * S, (y0 + py * r0) * S],
+                    [(x1 + px * r1) * S, (y1 + py * r1) * S],
+                    [(x1 - px * r1) * S, (y1 - py * r1) * S],
+                    [(x0 - px * r0) * S, (y0 - py * r0) * S],
+                ]
+            )
+            .round()
+            .astype(np.int32)
+        )
         a = (int(round(x0 * S)), int(round(y0 * S)))
         b = (int(round(x1 * S)), int(round(y1 * S)))
         ra, rb = max(1, int(round(r0 * S))), max(1, int(round(r1 * S)))
@@ -177,9 +197,15 @@ class Painter:
             if rm * k < 0.6:
                 continue
             ox, oy = px * rm * off, py * rm * off
-            cv2.line(self.img, (int(round((x0 + ox) * S)), int(round((y0 + oy) * S))),
-                     (int(round((x1 + ox) * S)), int(round((y1 + oy) * S))), col,
-                     max(1, int(round(2 * rm * k))), cv2.LINE_AA, SHIFT)
+            cv2.line(
+                self.img,
+                (int(round((x0 + ox) * S)), int(round((y0 + oy) * S))),
+                (int(round((x1 + ox) * S)), int(round((y1 + oy) * S))),
+                col,
+                max(1, int(round(2 * rm * k))),
+                cv2.LINE_AA,
+                SHIFT,
+            )
 
     def poly(self, pts: np.ndarray, color: tuple[int, int, int] | None, lab: int | None) -> None:
         q = self._px(pts)
@@ -193,9 +219,19 @@ def _lambert(color: tuple[int, int, int], n: np.ndarray, light: np.ndarray) -> t
     return _shade(color, 0.45 + 0.7 * max(0.0, float(n @ light)))
 
 
-def ring_section(pt: Painter, c0: np.ndarray, R0: np.ndarray, w0: float, d0: float,
-                 c1: np.ndarray, R1: np.ndarray, w1: float, d1: float,
-                 color: tuple[int, int, int], lab: int) -> None:
+def ring_section(
+    pt: Painter,
+    c0: np.ndarray,
+    R0: np.ndarray,
+    w0: float,
+    d0: float,
+    c1: np.ndarray,
+    R1: np.ndarray,
+    w1: float,
+    d1: float,
+    color: tuple[int, int, int],
+    lab: int,
+) -> None:
     """Faceted elliptic frustum between two cross-sections (camera-space centres/frames)."""
     loc0 = np.stack([_RING[:, 0] * w0, np.zeros(_RING_N), _RING[:, 1] * d0], 1)
     loc1 = np.stack([_RING[:, 0] * w1, np.zeros(_RING_N), _RING[:, 1] * d1], 1)
@@ -220,27 +256,29 @@ def ring_section(pt: Painter, c0: np.ndarray, R0: np.ndarray, w0: float, d0: flo
         pt.poly(quad, _lambert(color, fn, pt.light), None)
 
 
-def render_person(pt: Painter, skel: Skeleton3D, shape: BodyShape, app: Appearance,
-                  slot: int, chair: bool = False) -> dict[int, float]:
+def render_person(
+    pt: Painter, skel: Skeleton3D, shape: BodyShape, app: Appearance, slot: int, chair: bool = False
+) -> dict[int, float]:
     """Draw one person (far parts first). Returns part id -> camera depth (mm)."""
     cam = pt.cam
     R_cw = cam.R
     jc = cam.to_cam(skel.joints)
-    aux = {k: (cam.to_cam(v) if not k.startswith("R_") and v.shape == (3,) else v)
-           for k, v in skel.aux.items()}
+    aux = {k: (cam.to_cam(v) if not k.startswith("R_") and v.shape == (3,) else v) for k, v in skel.aux.items()}
     uv = cam.project(jc)
     f, cx, cy = cam.fx, cam.cx, cam.cy
     rad, seg = shape.radius, shape.seg
     base = slot * 32
     parts: list[tuple[float, int, object]] = []
 
-    def cap(part: str, a: np.ndarray, b: np.ndarray, ra: float, rb: float,
-            segs: list[tuple[float, tuple[int, int, int]]]) -> None:
+    def cap(
+        part: str, a: np.ndarray, b: np.ndarray, ra: float, rb: float, segs: list[tuple[float, tuple[int, int, int]]]
+    ) -> None:
         """segs: (fraction_end, colour) pieces along a->b (for sleeves / shorts)."""
         parts.append((0.5 * (a[2] + b[2]), P[part], ("cap", a, b, ra, rb, segs)))
 
-    def draw_cap(part_id: int, a: np.ndarray, b: np.ndarray, ra: float, rb: float,
-                 segs: list[tuple[float, tuple[int, int, int]]]) -> None:
+    def draw_cap(
+        part_id: int, a: np.ndarray, b: np.ndarray, ra: float, rb: float, segs: list[tuple[float, tuple[int, int, int]]]
+    ) -> None:
         ax, ay, az = a.tolist()
         bx, by, bz = b.tolist()
         az, bz = max(az, 1.0), max(bz, 1.0)
@@ -249,27 +287,40 @@ def render_person(pt: Painter, skel: Skeleton3D, shape: BodyShape, app: Appearan
         t0 = 0.0
         for t1, col in segs:  # 2D interpolation: exact enough for sleeve / shorts seams
             z0, z1 = az + (bz - az) * t0, az + (bz - az) * t1
-            pt.capsule((ua + (ub - ua) * t0, va + (vb - va) * t0),
-                       (ua + (ub - ua) * t1, va + (vb - va) * t1),
-                       f * (ra + (rb - ra) * t0) / z0, f * (rb * t1 + ra * (1 - t1)) / z1,
-                       col, base + part_id)
+            pt.capsule(
+                (ua + (ub - ua) * t0, va + (vb - va) * t0),
+                (ua + (ub - ua) * t1, va + (vb - va) * t1),
+                f * (ra + (rb - ra) * t0) / z0,
+                f * (rb * t1 + ra * (1 - t1)) / z1,
+                col,
+                base + part_id,
+            )
             t0 = t1
 
     skin, up_c, lo_c = app.skin, app.upper, app.lower
     for s, L in (("l", "left"), ("r", "right")):
         sh, el, wr = jc[J[f"{L} shoulder"]], jc[J[f"{L} elbow"]], jc[J[f"{L} wrist"]]
         hp, kn, an = jc[J[f"{L} hip"]], jc[J[f"{L} knee"]], jc[J[f"{L} ankle"]]
-        cap(f"upper_arm_{s}", sh, el, rad["upper_arm"] * 1.15, rad["forearm"] * 1.05,
-            [(1.0, up_c)] if app.long_sleeves else [(0.5, up_c), (1.0, skin)])
-        cap(f"forearm_{s}", el, wr, rad["forearm"], rad["forearm"] * 0.8,
-            [(1.0, up_c if app.long_sleeves else skin)])
+        cap(
+            f"upper_arm_{s}",
+            sh,
+            el,
+            rad["upper_arm"] * 1.15,
+            rad["forearm"] * 1.05,
+            [(1.0, up_c)] if app.long_sleeves else [(0.5, up_c), (1.0, skin)],
+        )
+        cap(f"forearm_{s}", el, wr, rad["forearm"], rad["forearm"] * 0.8, [(1.0, up_c if app.long_sleeves else skin)])
         cap(f"hand_{s}", wr, aux[f"hand_{s}"], rad["hand"], rad["hand"] * 0.9, [(1.0, skin)])
-        cap(f"thigh_{s}", hp, kn, rad["thigh"], rad["shin"] * 1.1,
-            [(0.55, lo_c), (1.0, skin)] if app.shorts else [(1.0, lo_c)])
-        cap(f"shin_{s}", kn, an, rad["shin"], rad["shin"] * 0.75,
-            [(1.0, skin if app.shorts else lo_c)])
-        cap(f"foot_{s}", aux[f"heel_{s}"], aux[f"toe_{s}"], rad["foot"], rad["foot"] * 0.85,
-            [(1.0, app.shoes)])
+        cap(
+            f"thigh_{s}",
+            hp,
+            kn,
+            rad["thigh"],
+            rad["shin"] * 1.1,
+            [(0.55, lo_c), (1.0, skin)] if app.shorts else [(1.0, lo_c)],
+        )
+        cap(f"shin_{s}", kn, an, rad["shin"], rad["shin"] * 0.75, [(1.0, skin if app.shorts else lo_c)])
+        cap(f"foot_{s}", aux[f"heel_{s}"], aux[f"toe_{s}"], rad["foot"], rad["foot"] * 0.85, [(1.0, app.shoes)])
     neck, torso, pelvis = jc[J["neck"]], jc[J["torso"]], jc[J["pelvis"]]
     cap("neck", neck, aux["neck_top"], rad["neck"], rad["neck"] * 0.95, [(1.0, skin)])
     R_chest = R_cw @ skel.aux["R_chest"]
@@ -279,16 +330,28 @@ def render_person(pt: Painter, skel: Skeleton3D, shape: BodyShape, app: Appearan
     hip_c = 0.5 * (jc[J["left hip"]] + jc[J["right hip"]])
     sw = 0.5 * np.linalg.norm(jc[J["left shoulder"]] - jc[J["right shoulder"]])
     td = rad["torso_depth"]
-    parts.append((float(np.mean([sh_c[2], torso[2]])) + 0.1 * td, P["chest"],
-                  ("ring", sh_c, R_chest, sw * 0.9, td * 0.8, torso, R_abd, rad["waist"], td, up_c,
-                   "shoulders")))
-    parts.append((float(np.mean([torso[2], pelvis[2]])) + 0.1 * td, P["abdomen"],
-                  ("ring", torso, R_abd, rad["waist"], td, pelvis, R_root, rad["hips"] * 0.97,
-                   td * 1.05, up_c, None)))
+    parts.append(
+        (
+            float(np.mean([sh_c[2], torso[2]])) + 0.1 * td,
+            P["chest"],
+            ("ring", sh_c, R_chest, sw * 0.9, td * 0.8, torso, R_abd, rad["waist"], td, up_c, "shoulders"),
+        )
+    )
+    parts.append(
+        (
+            float(np.mean([torso[2], pelvis[2]])) + 0.1 * td,
+            P["abdomen"],
+            ("ring", torso, R_abd, rad["waist"], td, pelvis, R_root, rad["hips"] * 0.97, td * 1.05, up_c, None),
+        )
+    )
     crotch = hip_c - R_root[:, 1] * seg["hip_half"] * 0.9
-    parts.append((float(pelvis[2]) + 0.15 * td, P["hips"],
-                  ("ring", pelvis, R_root, rad["hips"], td * 1.05, crotch, R_root,
-                   rad["hips"] * 0.85, td * 0.95, lo_c, None)))
+    parts.append(
+        (
+            float(pelvis[2]) + 0.15 * td,
+            P["hips"],
+            ("ring", pelvis, R_root, rad["hips"], td * 1.05, crotch, R_root, rad["hips"] * 0.85, td * 0.95, lo_c, None),
+        )
+    )
     head_c = aux["head_c"]
     parts.append((float(head_c[2]), P["head"], ("head",)))
     if chair:
@@ -305,8 +368,7 @@ def render_person(pt: Painter, skel: Skeleton3D, shape: BodyShape, app: Appearan
             ring_section(pt, c0, R0, w0, d0, c1, R1, w1, d1, col, base + pid)
             if extra == "shoulders":  # rounded shoulder line over the top of the chest
                 ra = f * rad["upper_arm"] * 1.1 / max(sh_c[2], 1.0)
-                pt.capsule(uv[J["left shoulder"]], uv[J["right shoulder"]], ra, ra, col,
-                           base + pid)
+                pt.capsule(uv[J["left shoulder"]], uv[J["right shoulder"]], ra, ra, col, base + pid)
         elif kind == "head":
             _draw_head(pt, aux, skel.aux["R_head"], seg["head_r"], app, base + P["head"], uv)
         elif kind == "chair":
@@ -314,8 +376,9 @@ def render_person(pt: Painter, skel: Skeleton3D, shape: BodyShape, app: Appearan
     return depths
 
 
-def _draw_head(pt: Painter, aux: dict[str, np.ndarray], R_head_w: np.ndarray, r: float,
-               app: Appearance, lab: int, uv: np.ndarray) -> None:
+def _draw_head(
+    pt: Painter, aux: dict[str, np.ndarray], R_head_w: np.ndarray, r: float, app: Appearance, lab: int, uv: np.ndarray
+) -> None:
     cam = pt.cam
     f = cam.fx
     Rh = cam.R @ R_head_w  # head frame -> camera
@@ -405,5 +468,4 @@ def _draw_chair(pt: Painter, skel: Skeleton3D, shape: BodyShape) -> None:
         n /= np.linalg.norm(n) + 1e-9
         if n @ (-fcp.mean(0)) <= 0:
             continue
-        pt.poly(cv2.convexHull(uv[list(fc)].astype(np.float32))[:, 0],
-                _lambert(wood, n, pt.light), SCENE_LABEL)
+        pt.poly(cv2.convexHull(uv[list(fc)].astype(np.float32))[:, 0], _lambert(wood, n, pt.light), SCENE_LABEL)

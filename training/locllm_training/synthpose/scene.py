@@ -135,7 +135,7 @@ def make_background(rng: np.random.Generator, size: int, cam: Camera) -> tuple[n
             scale = p / sub
             desc = f"a striped {c1n} and {c2n} background"
         else:
-            cells = ((ii[:, None] + ii[None, :]) % 2 == 0)
+            cells = (ii[:, None] + ii[None, :]) % 2 == 0
             scale = p
             desc = f"a {c1n} and {c2n} checkered background"
         tex = np.where(cells[..., None], np.array(_bgr(c1), np.uint8), np.array(_bgr(c2), np.uint8))
@@ -147,8 +147,13 @@ def make_background(rng: np.random.Generator, size: int, cam: Camera) -> tuple[n
             off[1] = 0.5 - (A @ np.array([s / 2, s / 2]))[1]
             A[1] = 0  # rows are identical: sample row 0
         M = np.hstack([A, off[:, None]]).astype(np.float64)
-        img = cv2.warpAffine(np.ascontiguousarray(tex), M, (s, s), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_WRAP)
+        img = cv2.warpAffine(
+            np.ascontiguousarray(tex),
+            M,
+            (s, s),
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_WRAP,
+        )
     elif kind == "textured":
         lo = int(rng.integers(3, 16))
         small = rng.integers(0, 256, (lo, lo, 3)).astype(np.uint8)
@@ -157,7 +162,7 @@ def make_background(rng: np.random.Generator, size: int, cam: Camera) -> tuple[n
         desc = "a blurry, colourful textured background"
     else:
         t = np.linspace(0, 1, s, dtype=np.float32)[:, None]
-        col = (np.array(_bgr(c1), np.float32) * (1 - t) + np.array(_bgr(c2), np.float32) * t)
+        col = np.array(_bgr(c1), np.float32) * (1 - t) + np.array(_bgr(c2), np.float32) * t
         img = cv2.resize(col.astype(np.uint8)[:, None, :], (s, s), interpolation=cv2.INTER_NEAREST)
         if kind == "room":
             desc = f"a room with a {c2n} tiled floor"
@@ -175,13 +180,11 @@ def make_background(rng: np.random.Generator, size: int, cam: Camera) -> tuple[n
             elif k == 1:
                 cv2.circle(img, (x, y), w // 2, col, -1, cv2.LINE_AA)
             else:
-                cv2.line(img, (x, y), (x + w - s // 6, y + h - s // 6), col,
-                         int(rng.integers(1, 6)), cv2.LINE_AA)
+                cv2.line(img, (x, y), (x + w - s // 6, y + h - s // 6), col, int(rng.integers(1, 6)), cv2.LINE_AA)
     return np.ascontiguousarray(img), desc
 
 
-def _draw_floor(img: np.ndarray, cam: Camera, color: tuple[int, int, int],
-                rng: np.random.Generator) -> None:
+def _draw_floor(img: np.ndarray, cam: Camera, color: tuple[int, int, int], rng: np.random.Generator) -> None:
     """Perspective ground plane (y = 0) with tile lines, clipped to points ahead of the camera."""
     c = -cam.R.T @ cam.t
     fwd = cam.R[2].copy()
@@ -189,8 +192,14 @@ def _draw_floor(img: np.ndarray, cam: Camera, color: tuple[int, int, int],
     fwd /= np.linalg.norm(fwd) + 1e-9
     side = np.cross([0.0, 1.0, 0.0], fwd)
     near, far, half = 400.0, 40000.0, 40000.0
-    quad = np.array([c + fwd * near - side * half, c + fwd * near + side * half,
-                     c + fwd * far + side * half, c + fwd * far - side * half])
+    quad = np.array(
+        [
+            c + fwd * near - side * half,
+            c + fwd * near + side * half,
+            c + fwd * far + side * half,
+            c + fwd * far - side * half,
+        ]
+    )
     quad[:, 1] = 0
     qc = cam.to_cam(quad)
     if np.any(qc[:, 2] < 50):
@@ -201,8 +210,10 @@ def _draw_floor(img: np.ndarray, cam: Camera, color: tuple[int, int, int],
     dark = tuple(int(v * 0.7) for v in color)
     base = np.floor(c / tile) * tile
     for i in range(-12, 13):  # lines of constant world x and constant world z
-        for a, b in (([base[0] + i * tile, 0, base[2] + 300], [base[0] + i * tile, 0, base[2] + 15000]),
-                     ([base[0] - 15000, 0, base[2] + i * tile], [base[0] + 15000, 0, base[2] + i * tile])):
+        for a, b in (
+            ([base[0] + i * tile, 0, base[2] + 300], [base[0] + i * tile, 0, base[2] + 15000]),
+            ([base[0] - 15000, 0, base[2] + i * tile], [base[0] + 15000, 0, base[2] + i * tile]),
+        ):
             pa, pb = cam.to_cam(np.array([a, b], float))
             if pa[2] < 50 and pb[2] < 50:
                 continue
@@ -212,8 +223,15 @@ def _draw_floor(img: np.ndarray, cam: Camera, color: tuple[int, int, int],
                 pa, pb = (q, pb) if pa[2] < 50 else (pa, q)
             u = cam.project(np.stack([pa, pb]))
             if np.all(np.isfinite(u)) and np.abs(u).max() < 1e5:
-                cv2.line(img, tuple(int(v) for v in np.round(u[0] * 4)),
-                         tuple(int(v) for v in np.round(u[1] * 4)), dark, 1, cv2.LINE_AA, 2)
+                cv2.line(
+                    img,
+                    tuple(int(v) for v in np.round(u[0] * 4)),
+                    tuple(int(v) for v in np.round(u[1] * 4)),
+                    dark,
+                    1,
+                    cv2.LINE_AA,
+                    2,
+                )
 
 
 def sample_appearance(rng: np.random.Generator) -> Appearance:
@@ -227,11 +245,21 @@ def sample_appearance(rng: np.random.Generator) -> Appearance:
     long_sleeves = bool(rng.random() < 0.5)
     shorts = bool(rng.random() < 0.3)
     return Appearance(
-        skin=_bgr(skin), hair=_bgr(hc), upper=_bgr(uc), lower=_bgr(lc), shoes=_bgr(shoes),
-        long_sleeves=long_sleeves, shorts=shorts, long_hair=bool(rng.random() < 0.35),
-        names={"upper": un, "lower": ln, "hair": hn,
-               "top": "long-sleeved top" if long_sleeves else "t-shirt",
-               "bottom": "shorts" if shorts else "trousers"},
+        skin=_bgr(skin),
+        hair=_bgr(hc),
+        upper=_bgr(uc),
+        lower=_bgr(lc),
+        shoes=_bgr(shoes),
+        long_sleeves=long_sleeves,
+        shorts=shorts,
+        long_hair=bool(rng.random() < 0.35),
+        names={
+            "upper": un,
+            "lower": ln,
+            "hair": hn,
+            "top": "long-sleeved top" if long_sleeves else "t-shirt",
+            "bottom": "shorts" if shorts else "trousers",
+        },
     )
 
 
@@ -248,8 +276,14 @@ def _facing(R_root_w: np.ndarray, pelvis_w: np.ndarray, cam: Camera) -> str:
     return "seen from the left side" if float(left @ to_cam) > 0 else "seen from the right side"
 
 
-def generate_sample(seed: int, index: int, size: int = 256, persons: tuple[int, int] = (1, 3),
-                    split: str = "train", photometric: bool = True) -> Sample:
+def generate_sample(
+    seed: int,
+    index: int,
+    size: int = 256,
+    persons: tuple[int, int] = (1, 3),
+    split: str = "train",
+    photometric: bool = True,
+) -> Sample:
     """Render one image with its people, camera and per-pixel label map."""
     rng = np.random.default_rng([int(seed), SPLITS.get(split, 9), int(index)])
     n = int(rng.integers(persons[0], persons[1] + 1))
@@ -312,12 +346,27 @@ def generate_sample(seed: int, index: int, size: int = 256, persons: tuple[int, 
         ys, xs = np.nonzero(slot_map == slot)
         if len(xs) == 0:
             continue  # fully hidden or outside the frame: no annotation
-        bbox = [float(xs.min()) - 0.5, float(ys.min()) - 0.5,
-                float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+        bbox = [
+            float(xs.min()) - 0.5,
+            float(ys.min()) - 0.5,
+            float(xs.max() - xs.min() + 1),
+            float(ys.max() - ys.min() + 1),
+        ]
         facing = _facing(skel.aux["R_root"], skel.joints[ROOT], cam)
-        anns.append(PersonAnn(slot=slot, kind=pose.kind, facing=facing,
-                              joints_cam=jc, joints_2d=uv, vis=vis, bbox=bbox, area=int(len(xs)),
-                              appearance=app, on_chair=pose.on_chair))
+        anns.append(
+            PersonAnn(
+                slot=slot,
+                kind=pose.kind,
+                facing=facing,
+                joints_cam=jc,
+                joints_2d=uv,
+                vis=vis,
+                bbox=bbox,
+                area=int(len(xs)),
+                appearance=app,
+                on_chair=pose.on_chair,
+            )
+        )
     if photometric:
         img = _photometric(img, rng)
     return Sample(image=img, label=label, camera=cam, persons=anns, background=bg_desc)
@@ -346,8 +395,14 @@ def _shadow(img: np.ndarray, cam: Camera, skel, shape) -> None:  # noqa: ANN001 
     cv2.addWeighted(roi, 0.65, dark, 0.35, 0, dst=roi)
 
 
-def _visibility(uv: np.ndarray, jc: np.ndarray, label: np.ndarray, slot: int, skel,  # noqa: ANN001
-                cam: Camera) -> np.ndarray:
+def _visibility(
+    uv: np.ndarray,
+    jc: np.ndarray,
+    label: np.ndarray,
+    slot: int,
+    skel,  # noqa: ANN001
+    cam: Camera,
+) -> np.ndarray:
     """COCO flags: 2 visible, 1 occluded (other part / person / self), 0 outside the image."""
     h, w = label.shape
     vis = np.zeros(NUM_JOINTS, np.int64)
@@ -365,7 +420,7 @@ def _visibility(uv: np.ndarray, jc: np.ndarray, label: np.ndarray, slot: int, sk
         lab = int(label[y, x])
         ok = lab // PART_BITS == slot and lab % PART_BITS in owners
         if not ok and lab == 0:  # on the silhouette edge: accept an owner pixel next to it
-            nb = label[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].ravel()
+            nb = label[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].ravel()
             ok = any(v // PART_BITS == slot and v % PART_BITS in owners for v in nb.tolist())
         if ok:  # self-occlusion of surface points that face away from the camera
             sx = 1.0 if name.startswith("left") else -1.0
@@ -397,15 +452,20 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ker = np.zeros((k, k), np.float32)
         a = rng.uniform(0, np.pi)
         c = (k - 1) / 2
-        cv2.line(ker, (int(round(c - np.cos(a) * c)), int(round(c - np.sin(a) * c))),
-                 (int(round(c + np.cos(a) * c)), int(round(c + np.sin(a) * c))), 1.0, 1)
+        cv2.line(
+            ker,
+            (int(round(c - np.cos(a) * c)), int(round(c - np.sin(a) * c))),
+            (int(round(c + np.cos(a) * c)), int(round(c + np.sin(a) * c))),
+            1.0,
+            1,
+        )
         img = cv2.filter2D(img, -1, ker / ker.sum())
     sigma = rng.uniform(0, 6)
     if sigma > 1.0:
         bank = _noise_bank()
         h, w = img.shape[:2]
         oy, ox = (int(v) for v in rng.integers(0, bank.shape[0] - max(h, w), 2))
-        noise = bank[oy:oy + h, ox:ox + w].astype(np.float32) * (sigma / 16.0)
+        noise = bank[oy : oy + h, ox : ox + w].astype(np.float32) * (sigma / 16.0)
         img = cv2.add(img.astype(np.float32), noise)
         img = np.clip(img, 0, 255).astype(np.uint8)
     return img
@@ -426,11 +486,21 @@ def caption(sample: Sample) -> str:
         if p.kind == "sitting":
             what = "sitting on a stool" if p.on_chair else "sitting on the floor"
         a = p.appearance.names
-        who = "The person" if n == 1 else ("The person on the left" if i == 0 else
-                                          "The person on the right" if i == n - 1 else
-                                          "The person in the middle")
-        parts.append(f"{who} is {what}, {p.facing}, wearing a {a['upper']} {a['top']} and "
-                     f"{a['lower']} {a['bottom']}, with {a['hair']} hair.")
+        who = (
+            "The person"
+            if n == 1
+            else (
+                "The person on the left"
+                if i == 0
+                else "The person on the right"
+                if i == n - 1
+                else "The person in the middle"
+            )
+        )
+        parts.append(
+            f"{who} is {what}, {p.facing}, wearing a {a['upper']} {a['top']} and "
+            f"{a['lower']} {a['bottom']}, with {a['hair']} hair."
+        )
     return " ".join([head, *parts])
 
 

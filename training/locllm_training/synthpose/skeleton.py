@@ -41,8 +41,9 @@ EXT_LIMBS: list[tuple[int, int]] = COCO_LIMBS + [
 def flip_pairs(names: list[str]) -> list[tuple[int, int]]:
     """Index pairs (left, right) for horizontal-flip augmentation."""
     idx = {n: i for i, n in enumerate(names)}
-    return [(i, idx["right " + n[5:]]) for i, n in enumerate(names)
-            if n.startswith("left ") and "right " + n[5:] in idx]
+    return [
+        (i, idx["right " + n[5:]]) for i, n in enumerate(names) if n.startswith("left ") and "right " + n[5:] in idx
+    ]
 
 
 FLIP_PAIRS = flip_pairs(JOINT_NAMES)
