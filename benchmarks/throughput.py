@@ -30,13 +30,17 @@ for _sub in ("sdk", "training", "export", "benchmarks"):
     sys.path.insert(0, str(_ROOT / _sub))
 
 
-def ensure_model(preset: str, workdir: Path, dims: int = 2) -> tuple[Path, Path]:
+def ensure_model(preset: str, workdir: Path, teach_format: int, dims: int = 2) -> tuple[Path, Path]:
+    """A random-weight preset checkpoint, taught the answer format for ``teach_format`` steps
+    (so greedy answers are well-formed and comparable with constrained ones), and its engine."""
     from locllm_export.build import build_onnx_engine
     from locllm_training.init import init_checkpoint
 
-    ckpt, engine = workdir / preset / "checkpoint", workdir / preset / "engine"
+    name = f"{preset}-format{teach_format}" if teach_format else preset
+    ckpt, engine = workdir / name / "checkpoint", workdir / name / "engine"
     if not (ckpt / "model.safetensors").is_file():
-        init_checkpoint(preset, ckpt, seed=0, dims=dims)
+        print(f"creating the {name} checkpoint in {ckpt} ...")
+        init_checkpoint(preset, ckpt, seed=0, dims=dims, teach_format_steps=teach_format)
     if not (engine / "manifest.json").is_file():
         print(build_onnx_engine(ckpt, engine, overwrite=True).summary())
     return ckpt, engine
@@ -107,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--engine", type=Path)
+    ap.add_argument(
+        "--teach-format",
+        type=int,
+        default=100,
+        metavar="STEPS",
+        help="teach the random preset the answer format first (0: purely random weights)",
+    )
     ap.add_argument("--workdir", type=Path, default=_ROOT / "runs" / "bench")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, engine = args.checkpoint, args.engine
         label = ckpt.name
     else:
-        ckpt, engine = ensure_model(args.preset, args.workdir)
+        ckpt, engine = ensure_model(args.preset, args.workdir, args.teach_format)
         label = args.preset
     manifest = read_manifest(engine)
     methods = [m.strip() for m in args.methods.split(",")]

@@ -25,8 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--legacy", action="store_true", help="tokenizer_config legacy: true (default false, as Vicuna v1.5)"
     )
+    ap.add_argument("--image-size", type=int, help="crop size (multiple of 14); default from the preset")
+    ap.add_argument(
+        "--teach-format",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="fit the random model STEPS steps to answer in the protocol's format (benchmarks, tests)",
+    )
     args = ap.parse_args(argv)
-    out = init_checkpoint(args.preset, args.output, seed=args.seed, dims=args.dims, legacy=args.legacy)
+    out = init_checkpoint(
+        args.preset,
+        args.output,
+        seed=args.seed,
+        dims=args.dims,
+        legacy=args.legacy,
+        image_size=args.image_size,
+        teach_format_steps=args.teach_format,
+    )
     from locllm_training.model import load_checkpoint
 
     n = sum(p.numel() for p in load_checkpoint(out).parameters())

@@ -13,13 +13,17 @@ OPSET = 18
 
 
 def export_vision(model: LocLLM, path: Path, opset: int = OPSET) -> None:
-    tower = VisionTower(model).eval()
-    s = model.config.image_size
-    dummy = torch.randn(2, 3, s, s)
+    export_vision_module(VisionTower(model).eval(), model.config.image_size, path, opset)
+
+
+def export_vision_module(module: torch.nn.Module, image_size: int, path: Path, opset: int = OPSET) -> None:
+    """pixel_values [N,3,S,S] -> image_tokens [N,P,H], dynamic batch (TorchScript exporter)."""
+    dummy = torch.randn(2, 3, image_size, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            tower,
+            module,
             (dummy,),
             str(path),
             input_names=["pixel_values"],

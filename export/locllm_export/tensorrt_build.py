@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +36,7 @@ from locllm_sdk.backends import gpu_logic
 from locllm_sdk.engine import MANIFEST, read_manifest, sha256_file
 
 from .build import ExportVerificationError
-from .onnx_graphs import OPSET
+from .onnx_graphs import OPSET, export_vision_module
 from .tensorrt_plan import (
     TRT_DIR,
     TRTLLM_TIMING_CACHE,
@@ -147,22 +146,7 @@ def export_typed_vision_onnx(merged, path: Path, precision: str, opset: int = OP
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.LayerNorm):
                 setattr(module, child_name, _Fp32LayerNorm(child))
-    model = _TypedVision(tower, dtype).eval()
-    s = merged.config.image_size
-    dummy = torch.randn(2, 3, s, s)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=["pixel_values"],
-            output_names=["image_tokens"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "image_tokens": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
+    export_vision_module(_TypedVision(tower, dtype).eval(), merged.config.image_size, path, opset)
 
 
 def onnx_precision_report(path: Path) -> dict:

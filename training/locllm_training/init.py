@@ -61,10 +61,69 @@ def random_model(config: LocLLMConfig, seed: int = 0, random_lora: bool = True) 
     return model.eval()
 
 
-def init_checkpoint(preset: str, output: str | Path, seed: int = 0, dims: int = 2, legacy: bool = False) -> Path:
-    config = preset_config(preset, dims=dims)
+def teach_format(model: LocLLM, tokenizer, steps: int, seed: int = 0, lr: float = 3e-3, batch: int = 4) -> LocLLM:
+    """Fit a random model for a few steps, on random crops, to answer in the protocol's
+    format: each keypoint gets its own typical position (+ noise), so answers differ per
+    request while the last digits (close to uniform) swing with the image. A random model
+    never produces a well-formed greedy answer; this one does, which makes it a meaningful
+    subject for parity, batching and greedy-vs-constrained comparisons. Not a trained model."""
+    import numpy as np
+    from locllm_sdk.descriptions import DescriptionLibrary
+    from locllm_sdk.protocol import format_answer
+
+    cfg = model.config
+    lib = DescriptionLibrary.load()
+    names = list(lib.descriptions)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.train()
+    for p in model.parameters():  # peft froze the base weights; fit everything here
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    prefix = tokenizer.prefix_ids(cfg.num_patches)
+    centre = {name: rng.uniform(0.1, 0.9, cfg.coord_dims) for name in names}
+    for _ in range(steps):
+        ids_batch, label_batch = [], []
+        for _ in range(batch):
+            ids, labels = list(prefix), [-100] * len(prefix)
+            for name in rng.choice(names, size=2, replace=False):
+                value = np.clip(centre[name] + rng.normal(0, 0.03, cfg.coord_dims), 0, 0.999)
+                head = tokenizer.round_ids(name, lib.descriptions[name])
+                full = tokenizer.round_ids(name, lib.descriptions[name], answer=format_answer(value))
+                ids += full
+                labels += [-100] * len(head) + full[len(head) :]
+            ids_batch.append(ids)
+            label_batch.append(labels)
+        t = max(map(len, ids_batch))
+        ids_t = torch.tensor([i + [0] * (t - len(i)) for i in ids_batch])
+        lab_t = torch.tensor([lab + [-100] * (t - len(lab)) for lab in label_batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (t - len(i)) for i in ids_batch])
+        pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+        loss = model(ids_t, pixels, attention_mask=mask, labels=lab_t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def init_checkpoint(
+    preset: str,
+    output: str | Path,
+    seed: int = 0,
+    dims: int = 2,
+    legacy: bool = False,
+    image_size: int | None = None,
+    teach_format_steps: int = 0,
+) -> Path:
+    config = preset_config(preset, dims=dims, image_size=image_size)
     # a preset built on a pretrained backbone is a training start: adapters start at zero
     model = random_model(config, seed=seed, random_lora=config.vision_weights is None)
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_tokenizer(tmp, legacy=legacy)
-        return save_checkpoint(model, tok, output, extra={"preset": preset, "seed": seed})
+        extra = {"preset": preset, "seed": seed}
+        if teach_format_steps:
+            from locllm_sdk.protocol import PromptTokenizer
+
+            teach_format(model, PromptTokenizer.from_dir(tok), teach_format_steps, seed=seed)
+            extra["taught_format_steps"] = teach_format_steps
+        return save_checkpoint(model, tok, output, extra=extra)
