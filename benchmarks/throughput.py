@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, engine = ensure_model(args.preset, args.workdir, args.teach_format)
         label = args.preset
     manifest = read_manifest(engine)
-    methods = [m.strip() for m in args.methods.split(",")]
+    sections = {x.strip() for x in args.sections.split(",")}
+    methods = [m.strip() for m in args.methods.split(",")] if "compare" in sections else []
 
     ort_pose = Pose(engine, backend="onnxruntime", threads=args.threads)
     torch_pose = Pose(ckpt, backend="torch", threads=args.threads)
@@ -251,20 +252,27 @@ def main(argv: list[str] | None = None) -> int:
     if agreement is not None:
         print(f"reference (greedy) vs sdk-ort (constrained) identical answers: {100 * agreement:.0f}%")
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    sections = {x.strip() for x in args.sections.split(",")}
+    save(result, args.out, label)
     g = crop_geometry(box, img.shape[:2], ort_pose.spec.image_size)
     pixels = normalize(warp(img, g)[None], ort_pose.spec.norm_mean, ort_pose.spec.norm_std)
     if "ablation" in sections:
         result["ablation"] = ablation_ladder(ort_pose, pixels, requests, args.reps, args.warmup)
+        save(result, args.out, label)
     if "scaling" in sections:
         result["scaling"] = scaling(ort_pose, img, args.reps, args.warmup)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"throughput_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
+        save(result, args.out, label)
         if "scaling" in result:
             plot_scaling(result, args.out / f"scaling_{label}.png")
             print(f"plots: {args.out / f'scaling_{label}.png'}")
     return 0
+
+
+def save(result: dict, out: Path | None, label: str) -> None:
+    """Results are written after every section: a long run that dies keeps what it measured."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"throughput_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict]:

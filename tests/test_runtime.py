@@ -227,3 +227,18 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root / "sdk"), env.get("PYTHONPATH", "")])
     return env
+
+
+@pytest.mark.parametrize("decoding", ["constrained", "free"])
+def test_chunked_decoding_gives_the_same_answers(trained, decoding):
+    """A tiny KV budget splits the rows into many chunks: the answers must not change."""
+    _, engine = trained[2]
+    whole = Pose(engine, decoding=decoding)
+    chunked = Pose(engine, decoding=decoding, kv_budget_mb=0.05)
+    rng = np.random.default_rng(9)
+    img = images(1, seed=60)[0]
+    boxes = boxes_for(img, rng, 3)
+    assert len(chunked._row_chunks(3, len(KEYPOINTS), 60)) > 2
+    a, b = whole.locate(img, KEYPOINTS, boxes), chunked.locate(img, KEYPOINTS, boxes)
+    assert [[k.answer for k in p] for p in a] == [[k.answer for k in p] for p in b]
+    assert np.allclose(a.numpy(), b.numpy(), atol=1e-5)

