@@ -50,6 +50,60 @@ def test_images(n: int, seed: int) -> list[tuple[np.ndarray, list[list[float]]]]
     return out
 
 
+def gt_images(gt_json: Path, n: int) -> tuple[list, dict]:
+    """(image, boxes, ann_ids, image_id) of the first n images of a COCO-keypoints file, and
+    the ground truth restricted to them."""
+    import cv2
+    from locllm_training.data import _guess_image_dir
+
+    doc = json.loads(gt_json.read_text())
+    image_dir = _guess_image_dir(gt_json, doc)
+    anns: dict[int, list] = {}
+    for a in doc["annotations"]:
+        if not a.get("iscrowd") and a.get("num_keypoints", 1) > 0:
+            anns.setdefault(a["image_id"], []).append(a)
+    data = []
+    for im in doc["images"]:
+        if im["id"] not in anns:
+            continue
+        img = cv2.cvtColor(cv2.imread(str(image_dir / im["file_name"])), cv2.COLOR_BGR2RGB)
+        data.append((img, [a["bbox"] for a in anns[im["id"]]], [a["id"] for a in anns[im["id"]]], im["id"]))
+        if len(data) >= n:
+            break
+    keep = {d[3] for d in data}
+    sub = {
+        **doc,
+        "images": [i for i in doc["images"] if i["id"] in keep],
+        "annotations": [a for a in doc["annotations"] if a["image_id"] in keep],
+    }
+    return data, sub
+
+
+def accuracy(pose: Pose, data, gt_doc: dict) -> dict:
+    """PCK@0.05/0.1 and COCO AP of the 17 COCO joints with ground-truth boxes."""
+    from locllm_sdk.evaluation import evaluate_2d
+
+    preds = []
+    for img, boxes, ann_ids, image_id in data:
+        res = pose.locate(img, "coco17", boxes)
+        for person, ann_id in zip(res, ann_ids):
+            preds.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "ann_id": ann_id,
+                    "score": person.score,
+                    "keypoints": person.numpy().reshape(-1).tolist(),
+                }
+            )
+    gt17 = {
+        **gt_doc,
+        "annotations": [{k: v for k, v in a.items() if not k.endswith("_ext")} for a in gt_doc["annotations"]],
+    }
+    r = evaluate_2d(gt17, preds)
+    return {"AP": r["coco"]["AP"], "PCK@0.05": r["PCK@0.05"]["mean"], "PCK@0.1": r["PCK@0.1"]["mean"]}
+
+
 def compare(reference: Pose, candidate: Pose, data, keypoints) -> dict:
     total = same = 0
     max_px = max_score = 0.0
@@ -73,11 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keypoints", default=DEFAULT_KEYPOINTS, help="skeleton name or comma-separated names")
     ap.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gt", type=Path, help="COCO-keypoints file (e.g. SynthPose val): also PCK/AP per backend")
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
     args = ap.parse_args(argv)
     keypoints = args.keypoints if "," not in args.keypoints else [k.strip() for k in args.keypoints.split(",")]
     manifest = read_manifest(args.engine)
-    data = test_images(args.images, args.seed)
+    gt_doc = None
+    if args.gt:
+        gt_data, gt_doc = gt_images(args.gt, args.images)
+        data = [(img, boxes) for img, boxes, _, _ in gt_data]
+    else:
+        data = test_images(args.images, args.seed)
     reference = Pose(args.checkpoint, backend="torch", decoding=args.decoding)
     rows, failed = [], False
     for backend in manifest["backends"]:
@@ -91,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         precision = entry.get("decoder_precision") or manifest.get("precision", {}).get("decoder", "?")
         r = compare(reference, candidate, data, keypoints)
         claims_parity = precision == "fp32"
+        if gt_doc is not None:
+            r["accuracy"] = accuracy(candidate, gt_data, gt_doc)
         ok = r["exact_match"] == 1.0 and r["max_score_diff"] <= SCORE_TOLERANCE
         failed |= claims_parity and not ok
         rows.append(
@@ -111,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"{r['backend']:<14}{'':<11}{'':>7}{'':>9}{'':>10}{'':>12}  {r['status']}")
+    if gt_doc is not None:
+        ref_acc = accuracy(reference, gt_data, gt_doc)
+        print(f"\naccuracy on {args.gt} ({len(gt_data)} images, ground-truth boxes, COCO-17 joints)")
+        print(f"{'backend':<14}{'AP':>8}{'PCK@0.05':>10}{'PCK@0.1':>10}")
+        table = [("torch (ref)", ref_acc)] + [(r["backend"], r["accuracy"]) for r in rows if "accuracy" in r]
+        for name, acc in table:
+            print(f"{name:<14}{acc['AP']:>8.3f}{acc['PCK@0.05']:>10.3f}{acc['PCK@0.1']:>10.3f}")
+        rows.append({"backend": "torch (reference)", "accuracy": ref_acc})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 1 if failed else 0

@@ -97,7 +97,7 @@ def timed(fns: dict, reps: int, warmup: int) -> tuple[dict, dict]:
     for _ in range(reps):
         for m, fn in fns.items():
             t = time.perf_counter()
-            fn()
+            outputs[m] = fn()
             times[m].append(time.perf_counter() - t)
     return outputs, times
 

@@ -120,3 +120,23 @@ def test_parity_script_passes_and_can_fail(trained, tiny_checkpoint):
         text=True,
     )
     assert bad.returncode == 1 and "FAIL" in bad.stdout
+
+
+def test_parity_accuracy_on_ground_truth(trained, tmp_path):
+    """--gt: PCK/AP of each backend and of the torch reference, side by side, on SynthPose."""
+    ckpt, engine = trained[2]
+    data = tmp_path / "synth"
+    subprocess.run([sys.executable, str(ROOT / "training" / "make_synthpose.py"), "--output", str(data), "--images",
+                    "3", "--split", "val", "--seed", "5"], check=True, capture_output=True)
+    gt = data / "annotations" / "person_keypoints_val.json"
+    out = tmp_path / "parity.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--checkpoint", str(ckpt),
+                          "--engine", str(engine), "--images", "3", "--gt", str(gt), "--json", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(out.read_text())
+    ort = next(r for r in rows if r["backend"] == "onnxruntime")
+    ref = next(r for r in rows if r["backend"] == "torch (reference)")
+    assert ort["exact_match"] == 1.0
+    assert ort["accuracy"] == ref["accuracy"]  # identical answers -> identical metrics
+    assert 0.0 <= ort["accuracy"]["PCK@0.1"] <= 1.0
