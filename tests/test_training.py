@@ -105,3 +105,34 @@ def test_train_resume_and_serve(synth, tiny_checkpoint, tmp_path):
     a = Pose(final, backend="torch").locate(img, ["nose", "left knee", "right wrist"])
     b = Pose(engine).locate(img, ["nose", "left knee", "right wrist"])
     assert [k.answer for k in a[0]] == [k.answer for k in b[0]]
+
+
+def test_conversation_sample_and_patch_targets(synth):
+    """A training sample: rounds tokenised by the protocol, labels only on answers (+ </s>),
+    answers equal to the augmented joint positions, aux targets = the joints' patches."""
+    import random
+
+    from locllm_sdk.protocol import PromptTokenizer
+    from locllm_training.data import ConversationConfig, ConversationDataset, load_coco
+    from locllm_training.tokenizer_files import write_tokenizer
+
+    tok = PromptTokenizer.from_dir(write_tokenizer(synth / "tok"))
+    recs = load_coco(synth / "annotations" / "person_keypoints_train.json")
+    joints = ("left wrist", "right ankle", "nose")
+    cfg = ConversationConfig(image_size=56, patch_size=14, aux_joints=joints, augment=True)
+    ds = ConversationDataset(recs, tok, num_patches=16, config=cfg, seed=3)
+    checked = 0
+    for idx in range(len(ds)):
+        item = ds[idx]
+        # recompute the augmented crop with the same rng the item used
+        rng = random.Random(hash((ds.seed, ds.epoch, idx)))
+        _, pts, names = ds.crop(ds.records[idx], rng)
+        for j, name in enumerate(joints):
+            i = names.index(name)
+            inside = ds.records[idx].visible[i] and 0 <= pts[i, 0] < 56 and 0 <= pts[i, 1] < 56
+            expected = int(pts[i, 1] // 14) * 4 + int(pts[i, 0] // 14) if inside else -100
+            assert item["aux_targets"][j] == expected
+            checked += expected >= 0
+        labelled = [t for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
+        assert labelled.count(tok.spec.eos_id) == item["rounds"]  # each answer closes with </s>
+    assert checked > 5

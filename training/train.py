@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         ("seed", int),
         ("workers", int),
         ("midpoint-prob", float),
+        ("aux-weight", float),
         ("max-rounds", int),
         ("log-every", int),
     ):
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed",
         "workers",
         "midpoint_prob",
+        "aux_weight",
         "max_rounds",
         "train_llm",
         "log_every",

@@ -127,6 +127,8 @@ class ConversationConfig:
     midpoint_prob: float = 0.0  # chance that a round asks for a relational midpoint
     # midpoint pairs that would leak a held-out keypoint (e.g. shoulders -> neck)
     banned_pairs: tuple[tuple[str, str], ...] = ()
+    patch_size: int = 14
+    aux_joints: tuple[str, ...] = ()  # joints whose patch index is a training target (aux loss)
     norm_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)
     norm_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -232,7 +234,24 @@ class ConversationDataset(torch.utils.data.Dataset):
             ids += full
             labels += [IGNORE] * len(head) + full[len(head) :]
         pixels = normalize(crop[None], self.cfg.norm_mean, self.cfg.norm_std)[0]
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "rounds": len(rounds)}
+        item = {"input_ids": ids, "labels": labels, "pixel_values": pixels, "rounds": len(rounds)}
+        if self.cfg.aux_joints:
+            item["aux_targets"] = self.patch_targets(rec, pts, names)
+        return item
+
+    def patch_targets(self, rec: PersonRecord, pts: np.ndarray, names: list[str]) -> list[int]:
+        """Index of the patch holding each ``aux_joints`` joint (after augmentation), or -100."""
+        s, ps = self.cfg.image_size, self.cfg.patch_size
+        grid = s // ps
+        where = {n: i for i, n in enumerate(names)}
+        out = []
+        for joint in self.cfg.aux_joints:
+            i = where.get(joint)
+            if i is None or not rec.visible[i] or not (0 <= pts[i, 0] < s and 0 <= pts[i, 1] < s):
+                out.append(IGNORE)
+            else:
+                out.append(int(pts[i, 1] // ps) * grid + int(pts[i, 0] // ps))
+        return out
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -278,4 +297,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
     pixels = torch.from_numpy(np.stack([b["pixel_values"] for b in batch]))
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+    if "aux_targets" in batch[0]:
+        out["aux_targets"] = torch.tensor([b["aux_targets"] for b in batch], dtype=torch.long)
+    return out

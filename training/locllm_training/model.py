@@ -169,9 +169,20 @@ class LocLLM(nn.Module):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        aux_head: nn.Module | None = None,
+        aux_targets: torch.Tensor | None = None,
+        aux_weight: float = 0.0,
     ):
-        """Training forward. With labels, logits are computed only where a label exists."""
-        embeds = self.build_inputs_embeds(input_ids, self.encode_images(pixel_values))
+        """Training forward. With labels, logits are computed only where a label exists.
+
+        ``aux_head`` (training only, not part of the model) maps each vision patch token to one
+        score per joint type; ``aux_targets`` [B,J] holds the index of the patch that contains
+        joint j (-100: not in the crop). Its cross-entropy over patches, weighted by
+        ``aux_weight``, asks the encoder where each joint is: on this CPU a model trained by
+        teacher forcing alone learnt each joint's average position and ignored its image.
+        """
+        hidden_v = self.vision(pixel_values=pixel_values).last_hidden_state[:, 1:, :]
+        embeds = self.build_inputs_embeds(input_ids, self.projector(hidden_v))
         out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask)
         hidden = out.last_hidden_state
         if labels is None:
@@ -181,6 +192,12 @@ class LocLLM(nn.Module):
         keep = shift_labels != -100
         logits = self.llm.lm_head(hidden[:, :-1][keep])
         loss = nn.functional.cross_entropy(logits.float(), shift_labels[keep])
+        if aux_head is not None and aux_targets is not None and aux_weight > 0 and bool((aux_targets >= 0).any()):
+            scores = aux_head(hidden_v).transpose(1, 2)  # [B, J, P]: where is joint j?
+            aux = nn.functional.cross_entropy(
+                scores.reshape(-1, scores.shape[-1]).float(), aux_targets.reshape(-1), ignore_index=-100
+            )
+            loss = loss + aux_weight * aux
         return loss
 
 

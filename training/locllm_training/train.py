@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int = 1
     log_every: int = 10
     storage_dtype: str | None = None  # e.g. "float16" for the final checkpoint file
+    aux_weight: float = 0.0  # >0: auxiliary "which patch holds joint j" loss on the vision tokens
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -114,6 +115,19 @@ class WeightedMix(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.parts[self.choice[i]][self.index[i]]
+
+
+class AuxWrapper(torch.nn.Module):
+    """Training-time pair (model, patch-classification head); only the model is saved."""
+
+    def __init__(self, model: LocLLM, num_joints: int, weight: float):
+        super().__init__()
+        self.model = model
+        self.head = torch.nn.Linear(model.vision.config.hidden_size, num_joints)
+        self.weight = weight
+
+    def forward(self, **inputs):
+        return self.model(**inputs, aux_head=self.head, aux_weight=self.weight)
 
 
 class LocLLMTrainer(Trainer):
@@ -209,7 +223,13 @@ def run(cfg: TrainConfig) -> Path:
     library = DescriptionLibrary.load()
     trainable = set_trainable(model, cfg.stage, cfg.train_llm)
     dims = model.config.coord_dims
+    aux_joints: tuple[str, ...] = ()
+    if cfg.aux_weight > 0 and cfg.stage == 2:
+        first = records_of(cfg.train[0], dims)[0]
+        aux_joints = tuple(n for n in first.names if n not in cfg.exclude)
     conv = ConversationConfig(
+        aux_joints=aux_joints,
+        patch_size=model.config.patch_size,
         image_size=model.config.image_size,
         dims=dims,
         max_rounds=cfg.max_rounds,
@@ -274,8 +294,11 @@ def run(cfg: TrainConfig) -> Path:
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
     )
     callbacks = [ValidationCallback(val_fn, cfg.eval_every, out / "validation.jsonl")] if val_fn else []
+    trained_module = AuxWrapper(model, len(aux_joints), cfg.aux_weight) if aux_joints else model
+    if aux_joints:
+        print(f"auxiliary patch loss (weight {cfg.aux_weight}) on {len(aux_joints)} joints")
     trainer = LocLLMTrainer(
-        model=model,
+        model=trained_module,
         args=args,
         train_dataset=train_set,
         data_collator=partial(collate, pad_id=tok.spec.pad_id),
