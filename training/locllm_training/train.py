@@ -223,10 +223,11 @@ def run(cfg: TrainConfig) -> Path:
     library = DescriptionLibrary.load()
     trainable = set_trainable(model, cfg.stage, cfg.train_llm)
     dims = model.config.coord_dims
+    # each source's annotations are read once, here
+    train_records = [records_of(s, dims) for s in cfg.train] if cfg.stage == 2 else []
     aux_joints: tuple[str, ...] = ()
-    if cfg.aux_weight > 0 and cfg.stage == 2:
-        first = records_of(cfg.train[0], dims)[0]
-        aux_joints = tuple(n for n in first.names if n not in cfg.exclude)
+    if cfg.aux_weight > 0 and train_records:
+        aux_joints = tuple(n for n in train_records[0][0].names if n not in cfg.exclude)
     conv = ConversationConfig(
         aux_joints=aux_joints,
         patch_size=model.config.patch_size,
@@ -248,8 +249,8 @@ def run(cfg: TrainConfig) -> Path:
         )
     else:
         parts = [
-            ConversationDataset(records_of(s, dims), tok, model.config.num_patches, conv, library, cfg.seed)
-            for s in cfg.train
+            ConversationDataset(records, tok, model.config.num_patches, conv, library, cfg.seed)
+            for records in train_records
         ]
         train_set = parts[0] if len(parts) == 1 else WeightedMix(parts, [s.weight for s in cfg.train], cfg.seed)
     print(f"training stage {cfg.stage}: {trainable / 1e6:.2f}M trainable parameters, {len(train_set)} samples")
