@@ -5,8 +5,10 @@
   batched-keypoints    the official procedure: all keypoints of a person in one batch (the
                        crop still through the ViT once per keypoint)
   vit-once             + the ViT runs once per crop, its tokens reused by every keypoint
-  shared-prefix        + the image prefix prefilled once, its KV shared by all suffixes
+  shared-prefix        + the image prefix prefilled once, its KV copied to every suffix row
   logits-where-needed  + the vocabulary projection only at the positions that are read
+  cascade-attention    + the prefix KV never copied: one per crop, read by all its rows in
+                       one matmul; row caches hold only suffix and answer tokens
   sdk                  + jump-forward constrained decoding (6 passes instead of 13)
 Every rung returns the answers it decoded, so the ladder also shows which rungs change them
 (only the last may: greedy vs constrained digits).
@@ -18,7 +20,15 @@ import numpy as np
 from locllm_sdk.decoding import constrained_decode, free_decode, prefill_prefix
 from locllm_sdk.protocol import max_softmax, parse_answer
 
-RUNGS = ("naive-per-keypoint", "batched-keypoints", "vit-once", "shared-prefix", "logits-where-needed", "sdk")
+RUNGS = (
+    "naive-per-keypoint",
+    "batched-keypoints",
+    "vit-once",
+    "shared-prefix",
+    "logits-where-needed",
+    "cascade-attention",
+    "sdk",
+)
 
 
 def _greedy_full_prompts(backend, spec, pixels_rows, prompts, all_logits: bool, max_new: int):
@@ -98,9 +108,20 @@ def run_rung(rung: str, pose, pixels: np.ndarray, requests) -> list[str]:
     if rung == "shared-prefix":
         # suffix prefill with logits at every suffix position (as a plain forward computes them)
         return _shared_prefix_free(backend, spec, cache, suffixes, max_new)
-    if rung == "logits-where-needed":
+    if rung in ("logits-where-needed", "cascade-attention"):
+        if rung == "cascade-attention" and not backend.supports_shared_prefix:
+            raise ValueError(f"backend {backend.name} has no cascade-attention step (engine built before it?)")
         answers, _ = free_decode(
-            backend, cache, len(spec.prefix_ids), rows, suffixes, rows, max_new, spec.grammar.dims, tok
+            backend,
+            cache,
+            len(spec.prefix_ids),
+            rows,
+            suffixes,
+            rows,
+            max_new,
+            spec.grammar.dims,
+            tok,
+            shared=rung == "cascade-attention",
         )
         return [a.text for a in answers]
     if rung == "sdk":

@@ -66,7 +66,8 @@ def person_flops(manifest: dict, prefix_len: int, suffix_len: int, k: int, passe
     m = manifest["model"]
     h, layers, v = m["hidden_size"], m["num_layers"], m["vocab_size"]
     vh, vl = m["vision_hidden_size"], m["vision_layers"]
-    layer_params = (m["parameters"] - 2 * v * h) / max(layers, 1)  # rough: LM minus embeddings
+    vit_params = vl * 12 * vh * vh + vh * h  # ViT blocks + projector
+    layer_params = (m["parameters"] - vit_params - 2 * v * h) / max(layers, 1)  # rough: untied embeddings
     vit_tokens = m["num_patches"] + 1
     vit = vl * (2 * 12 * vh * vh * vit_tokens + 4 * vit_tokens * vit_tokens * vh)
     lm_tokens = prefix_len + k * (suffix_len + new_tokens)
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ablation"] = ablation_ladder(ort_pose, pixels, requests, args.reps, args.warmup)
         save(result, args.out, label)
     if "scaling" in sections:
-        result["scaling"] = scaling(ort_pose, img, args.reps, args.warmup)
+        result["scaling"] = scaling(ort_pose, img, args.reps, args.warmup, manifest)
     if args.out:
         save(result, args.out, label)
         if "scaling" in result:
@@ -301,7 +302,18 @@ def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict
     return rows
 
 
-def scaling(pose, img, reps: int, warmup: int) -> dict:
+def extra_keypoint_flop_fraction(manifest: dict, pose) -> float:
+    """FLOPs of one more keypoint / FLOPs of one keypoint alone: the fraction the latency
+    ratio would show if every FLOP ran at the same speed (the floor of that ratio)."""
+    req = keypoint_requests(pose.library, 17)
+    suffix = int(np.mean([len(pose.spec.tokenizer.round_ids(r.name, r.description)) for r in req]))
+    prefix, passes = len(pose.spec.prefix_ids), 6 if pose.spec.coord_dims == 2 else 12
+    one = person_flops(manifest, prefix, suffix, 1, passes, len(pose.spec.grammar.slots))
+    two = person_flops(manifest, prefix, suffix, 2, passes, len(pose.spec.grammar.slots))
+    return (two - one) / one
+
+
+def scaling(pose, img, reps: int, warmup: int, manifest: dict | None = None) -> dict:
     rng = np.random.default_rng(1)
     h, w = img.shape[:2]
     out: dict = {"keypoints": [], "persons": []}
@@ -327,6 +339,10 @@ def scaling(pose, img, reps: int, warmup: int) -> dict:
     print("  keypoints: " + ", ".join(f"{r['keypoints']}: {r['p50_ms']:.0f} ms" for r in out["keypoints"]))
     print("  persons (17 kpts): " + ", ".join(f"{r['persons']}: {r['p50_ms']:.0f} ms" for r in out["persons"]))
     print(f"  one more keypoint costs {slope:.1f} ms = {100 * slope / ms[0]:.1f}% of the one-keypoint latency")
+    if manifest is not None:
+        floor = extra_keypoint_flop_fraction(manifest, pose)
+        out["extra_keypoint_flop_fraction"] = floor
+        print(f"  (its FLOPs are {100 * floor:.1f}% of one keypoint's: the ratio at equal speed per FLOP)")
     return out
 
 

@@ -45,6 +45,7 @@ def test_cli_builds_engine_with_manifest(tiny_checkpoint, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "decoder cached step max rel diff" in run.stdout
+    assert "cascade step (onnx) max rel diff" in run.stdout
     m = read_manifest(out)
     assert m["model"]["num_patches"] == 256 and m["model"]["coord_dims"] == 2
     assert m["tokenizer"]["im_patch_id"] == 32000
@@ -52,6 +53,7 @@ def test_cli_builds_engine_with_manifest(tiny_checkpoint, tmp_path):
     assert set(m["files"]) >= {
         "vision.onnx",
         "decoder.onnx",
+        "decoder_shared.onnx",
         "embeddings.npy",
         "descriptions.yaml",
         "tokenizer/tokenizer.model",

@@ -242,3 +242,56 @@ def test_chunked_decoding_gives_the_same_answers(trained, decoding):
     a, b = whole.locate(img, KEYPOINTS, boxes), chunked.locate(img, KEYPOINTS, boxes)
     assert [[k.answer for k in p] for p in a] == [[k.answer for k in p] for p in b]
     assert np.allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_crop_layout():
+    from locllm_sdk.decoding import crop_layout
+
+    crops, r = crop_layout(np.repeat([0, 1, 2], 4))
+    assert crops.tolist() == [0, 1, 2] and r == 4
+    crops, r = crop_layout(np.array([2, 2, 5, 5]))
+    assert crops.tolist() == [2, 5] and r == 2
+    assert crop_layout(np.array([0, 0, 1])) is None  # unequal runs
+    assert crop_layout(np.array([0, 1, 0, 1])) is None  # a crop in two runs
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cascade_attention_matches_copied_prefix(trained, dims):
+    """Cascade attention (prefix KV once per crop) gives the answers of the copy path, for
+    Pose's crop-by-crop layout, a subset of crops and an arbitrary row -> crop mapping."""
+    from locllm_sdk.decoding import constrained_decode, free_decode, prefill_prefix
+
+    _, engine = trained[dims]
+    pose = Pose(engine)
+    backend, spec = pose.backend, pose.spec
+    assert backend.supports_shared_prefix
+    tok = spec.tokenizer
+    rng = np.random.default_rng(dims)
+    img = images(1, seed=70 + dims)[0]
+    from locllm_sdk import crop as cropping
+
+    geoms = [cropping.crop_geometry(b, img.shape[:2], spec.image_size) for b in boxes_for(img, rng, 3)]
+    pixels = cropping.normalize(np.stack([cropping.warp(img, g) for g in geoms]), spec.norm_mean, spec.norm_std)
+    prefix = prefill_prefix(backend, spec.prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
+    reqs = pose.library.resolve(KEYPOINTS[:5])
+    for crop_of_row in (np.repeat([0, 1, 2], 5), np.repeat([2, 1], 5), np.array([0, 2, 1, 0, 1, 2, 2])):
+        suffixes = [tok.round_ids(reqs[i % 5].name, reqs[i % 5].description) for i in range(len(crop_of_row))]
+        args = (backend, prefix, len(spec.prefix_ids), crop_of_row, suffixes)
+        a, _ = constrained_decode(*args, spec.grammar, tok, shared=True)
+        b, _ = constrained_decode(*args, spec.grammar, tok, shared=False)
+        assert [x.text for x in a] == [x.text for x in b]
+        assert np.allclose([x.score for x in a], [x.score for x in b], atol=1e-5)
+        f1, _ = free_decode(*args, crop_of_row, 13 if dims == 2 else 22, dims, tok, shared=True)
+        f2, _ = free_decode(*args, crop_of_row, 13 if dims == 2 else 22, dims, tok, shared=False)
+        assert [x.text for x in f1] == [x.text for x in f2]
+    assert len({x.text for x in a}) >= 2  # not a vacuous comparison
+
+
+def test_kv_budget_counts_only_row_tokens_with_cascade(trained):
+    _, engine = trained[2]
+    pose = Pose(engine, kv_budget_mb=0.3)
+    chunks = pose._row_chunks(4, len(KEYPOINTS), 60)
+    # whole persons per chunk; per-row bytes exclude the (shared) prefix
+    assert all(len(c) % len(KEYPOINTS) == 0 for c in chunks)
+    per_row = pose.spec.kv_bytes_per_token * (60 + len(pose.spec.grammar.slots))
+    assert max(map(len, chunks)) <= 0.3 * 2**20 / per_row

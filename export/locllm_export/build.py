@@ -14,10 +14,10 @@ import torch
 from locllm_sdk.descriptions import default_library_path
 from locllm_sdk.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, sha256_file
 from locllm_sdk.protocol import PROTOCOL_VERSION, PromptTokenizer, build_grammar
-from locllm_training.graphs import DecoderStep, VisionTower, empty_past
+from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
 from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
-from .onnx_graphs import OPSET, export_decoder, export_vision
+from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
 
 MERGE_TOLERANCE = 1e-4  # relative to the output scale
 GRAPH_TOLERANCE = 1e-4
@@ -134,6 +134,32 @@ def verify_onnx(engine_dir: Path, merged: LocLLM, manifest: dict) -> dict:
     d2 = _rel_diff(out2[0], ref2.numpy())
     checks["decoder prefill max rel diff"] = d1
     checks["decoder cached step max rel diff"] = d2
+    if files.get("decoder_shared"):
+        # cascade step: the prefill's 2 rows as 2 crops, 2 rows each, one right-padded; it must
+        # agree with the plain step over copied prefixes, in torch and in ONNX Runtime
+        shared = ort.InferenceSession(str(engine_dir / files["decoder_shared"]), providers=["CPUExecutionProvider"])
+        rows = torch.tensor([0, 0, 1, 1])
+        new4 = torch.randn(4, 3, cfg.hidden_size, generator=g)
+        own = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+        pos4 = torch.tensor([[t, t + 1, t + 2], [t, t + 1, t + 1], [t, t + 1, t + 2], [t, t, t]])
+        index4 = torch.tensor([[2, 0], [1, 0], [2, 1], [0, 0]])
+        copied = [p.index_select(0, rows) for p in ref_past]
+        mask4 = torch.cat([torch.ones(4, t, dtype=torch.int64), own], dim=1)
+        ref4, _ = _run_step(step, new4, mask4, pos4, index4, copied)
+        with torch.inference_mode():
+            torch4 = SharedPrefixStep(merged.llm).eval()(new4, own, pos4, index4, *ref_past, *empty_past(cfg, 4))[0]
+        prefix_names = [n for i in range(n_layers) for n in (f"prefix_key_{i}", f"prefix_value_{i}")]
+        feeds4 = {
+            "inputs_embeds": new4.numpy(),
+            "attention_mask": own.numpy(),
+            "position_ids": pos4.numpy(),
+            "logits_index": index4.numpy(),
+        }
+        feeds4.update(dict(zip(prefix_names, out[1:])))
+        feeds4.update({n: p.numpy() for n, p in zip(past_names, empty_past(cfg, 4))})
+        got4 = shared.run(None, feeds4)[0]
+        checks["cascade step (torch) max rel diff"] = _rel_diff(torch4.numpy(), ref4.numpy())
+        checks["cascade step (onnx) max rel diff"] = _rel_diff(got4, ref4.numpy())
     worst = max(checks.values())
     if not np.isfinite(worst) or worst > GRAPH_TOLERANCE:
         raise ExportVerificationError(
@@ -229,6 +255,7 @@ def _build_onnx_engine(
     grammar = build_grammar(tokenizer, cfg.coord_dims)
     export_vision(merged, tmp / "vision.onnx")
     export_decoder(merged, tmp / "decoder.onnx")
+    export_shared_step(merged, tmp / "decoder_shared.onnx")
     np.save(tmp / "embeddings.npy", merged.llm.get_input_embeddings().weight.detach().float().numpy())
     (tmp / "tokenizer").mkdir()
     for name in TOKENIZER_FILES:
@@ -280,6 +307,7 @@ def _build_onnx_engine(
             "onnxruntime": {
                 "vision": "vision.onnx",
                 "decoder": "decoder.onnx",
+                "decoder_shared": "decoder_shared.onnx",
                 "embeddings": "embeddings.npy",
                 "opset": OPSET,
             }

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from locllm_training.graphs import DecoderStep, VisionTower, empty_past
+from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
 from locllm_training.model import LocLLM
 
 OPSET = 18
@@ -34,6 +34,16 @@ def export_vision_module(module: torch.nn.Module, image_size: int, path: Path, o
         )
 
 
+# dynamic axes of the inputs and outputs both decoder graphs share
+STEP_AXES = {
+    "inputs_embeds": {0: "batch", 1: "step"},
+    "attention_mask": {0: "batch", 1: "total"},
+    "position_ids": {0: "batch", 1: "step"},
+    "logits_index": {0: "batch", 1: "k"},
+    "logits": {0: "batch", 1: "k"},
+}
+
+
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [n for i in range(num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
     present = [n for i in range(num_layers) for n in (f"present_key_{i}", f"present_value_{i}")]
@@ -58,26 +68,60 @@ def export_decoder(model: LocLLM, path: Path, opset: int = OPSET) -> None:
         *past,
     )
     in_names, out_names = decoder_io_names(cfg.num_hidden_layers)
-    dyn = {
-        "inputs_embeds": {0: "batch", 1: "step"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "step"},
-        "logits_index": {0: "batch", 1: "k"},
-        "logits": {0: "batch", 1: "k"},
-    }
+    dyn = dict(STEP_AXES)
     for n in in_names[4:]:
         dyn[n] = {0: "batch", 2: "past"}
     for n in out_names[1:]:
         dyn[n] = {0: "batch", 2: "total"}
+    _export(step, inputs, path, in_names, out_names, dyn, opset)
+
+
+def shared_step_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    prefix = [n for i in range(num_layers) for n in (f"prefix_key_{i}", f"prefix_value_{i}")]
+    ins, outs = decoder_io_names(num_layers)
+    return [*ins[:4], *prefix, *ins[4:]], outs
+
+
+def export_shared_step(model: LocLLM, path: Path, opset: int = OPSET) -> None:
+    """The cascade-attention decoder step (``SharedPrefixStep``): dynamic crops, rows,
+    step, prefix and row-cache lengths. Rows per crop is B/N, computed in the graph."""
+    step = SharedPrefixStep(model.llm).eval()
+    cfg = model.llm.config
+    crops, rows_per_crop, t, prefix_len, past_len = 2, 3, 3, 6, 4
+    batch = crops * rows_per_crop
+    shape = empty_past(cfg, 1)[0].shape
+    prefix = [torch.randn(crops, shape[1], prefix_len, shape[3]) for _ in range(2 * cfg.num_hidden_layers)]
+    past = [torch.randn(batch, shape[1], past_len, shape[3]) for _ in range(2 * cfg.num_hidden_layers)]
+    inputs = (
+        torch.randn(batch, t, cfg.hidden_size),
+        torch.ones(batch, past_len + t, dtype=torch.int64),
+        torch.arange(prefix_len + past_len, prefix_len + past_len + t).repeat(batch, 1),
+        torch.tensor([[t - 1, t - 2]] * batch),
+        *prefix,
+        *past,
+    )
+    in_names, out_names = shared_step_io_names(cfg.num_hidden_layers)
+    dyn = dict(STEP_AXES)
+    n_prefix = 2 * cfg.num_hidden_layers
+    for n in in_names[4 : 4 + n_prefix]:
+        dyn[n] = {0: "crops", 2: "prefix"}
+    for n in in_names[4 + n_prefix :]:
+        dyn[n] = {0: "batch", 2: "past"}
+    for n in out_names[1:]:
+        dyn[n] = {0: "batch", 2: "total"}
+    _export(step, inputs, path, in_names, out_names, dyn, opset)
+
+
+def _export(module, inputs, path: Path, in_names, out_names, dynamic_axes, opset: int) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            step,
+            module,
             inputs,
             str(path),
             input_names=in_names,
             output_names=out_names,
-            dynamic_axes=dyn,
+            dynamic_axes=dynamic_axes,
             opset_version=opset,
             dynamo=False,
         )

@@ -3,7 +3,8 @@
 For a batch of crops and (crop, keypoint) requests:
   1. prefix: ``<s> Image : <im_patch>*P`` prefilled once per crop (image tokens in place);
   2. suffixes: every request's round text, right-padded into one batch on top of its crop's
-     prefix KV (rows gathered from the prefix cache), per-row positions;
+     prefix KV, per-row positions; with cascade attention the prefix KV is never copied
+     (one copy per crop, read once per pass by all its rows), else rows get copies;
   3. constrained decoding: the answer skeleton's forced tokens ride along with the previous
      pass (jump-forward), a pass runs only where a digit is free, and the digit is the
      argmax over the ten digit tokens. A 2D answer takes 6 decoder passes.
@@ -49,13 +50,47 @@ def prefill_prefix(backend: Backend, prefix_ids: Sequence[int], im_patch_id: int
     return cache
 
 
-class _Rows:
-    """Per-row sequence bookkeeping for passes on top of a shared prefix."""
+def crop_layout(crop_of_row: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(crops, rows per crop) when rows come crop by crop in equal runs, as ``Pose`` lays
+    them out; else None."""
+    crop_of_row = np.asarray(crop_of_row)
+    n = len(crop_of_row)
+    starts = np.flatnonzero(np.r_[True, crop_of_row[1:] != crop_of_row[:-1]])
+    r = n // len(starts)
+    if r * len(starts) != n or not np.array_equal(starts, np.arange(0, n, r)):
+        return None
+    crops = crop_of_row[starts]
+    if len(np.unique(crops)) != len(crops):
+        return None
+    return crops, r
 
-    def __init__(self, backend: Backend, cache, prefix_len: int, rows: int):
+
+class _Rows:
+    """Per-row sequence bookkeeping for passes on top of a shared prefix.
+
+    With a backend that runs cascade attention, the prefix KV stays one copy per crop and
+    the rows' caches start empty; otherwise each row gets a copy of its crop's prefix KV.
+    """
+
+    def __init__(
+        self, backend: Backend, prefix_cache, prefix_len: int, crop_of_row: np.ndarray, shared: bool | None = None
+    ):
+        rows = len(crop_of_row)
         self.backend = backend
-        self.cache = cache
-        self.mask = np.ones((rows, prefix_len), np.int64)
+        self.shared = backend.supports_shared_prefix if shared is None else shared
+        if self.shared:
+            layout = crop_layout(crop_of_row)
+            if layout is None:  # arbitrary mapping: one prefix per row (R = 1)
+                self.prefix = backend.select_rows(prefix_cache, crop_of_row)
+            else:
+                crops, _ = layout
+                whole = len(crops) == len(prefix_cache[0]) and np.array_equal(crops, np.arange(len(crops)))
+                self.prefix = prefix_cache if whole else backend.select_rows(prefix_cache, crops)
+            self.cache = backend.empty_cache(rows)
+            self.mask = np.zeros((rows, 0), np.int64)
+        else:
+            self.cache = backend.select_rows(prefix_cache, crop_of_row)
+            self.mask = np.ones((rows, prefix_len), np.int64)
         self.next_pos = np.full(rows, prefix_len, np.int64)
         self.passes = 0
 
@@ -71,9 +106,11 @@ class _Rows:
             step_mask[r, : len(f)] = 1
         pos = self.next_pos[:, None] + np.arange(t, dtype=np.int64)[None, :]
         self.mask = np.concatenate([self.mask, step_mask], axis=1)
-        logits, self.cache = self.backend.forward(
-            self.backend.embed(ids), self.mask, pos, np.asarray(want, np.int64), self.cache
-        )
+        embeds, want = self.backend.embed(ids), np.asarray(want, np.int64)
+        if self.shared:
+            logits, self.cache = self.backend.forward_shared(embeds, self.mask, pos, want, self.prefix, self.cache)
+        else:
+            logits, self.cache = self.backend.forward(embeds, self.mask, pos, want, self.cache)
         self.next_pos += lengths
         self.passes += 1
         return logits
@@ -87,9 +124,11 @@ def constrained_decode(
     suffixes: Sequence[Sequence[int]],
     grammar: AnswerGrammar,
     tokenizer: PromptTokenizer,
+    shared: bool | None = None,
 ) -> tuple[list[ParsedAnswer], DecodeStats]:
+    """``shared``: cascade attention (default: whenever the backend has it)."""
     rows = len(suffixes)
-    state = _Rows(backend, backend.select_rows(prefix_cache, crop_of_row), prefix_len, rows)
+    state = _Rows(backend, prefix_cache, prefix_len, crop_of_row, shared)
     n = len(grammar.slots)
     needed = set(grammar.free_positions) | {p for a, b in grammar.number_spans for p in range(a, b)}
     conf = np.full((rows, n), np.nan)
@@ -146,6 +185,7 @@ def free_decode(
     max_new_tokens: int,
     dims: int,
     tokenizer: PromptTokenizer,
+    shared: bool | None = None,
 ) -> tuple[list[ParsedAnswer], DecodeStats]:
     """Greedy decoding over the full vocabulary with the official parse.
 
@@ -155,7 +195,7 @@ def free_decode(
     """
     rows = len(suffixes)
     eos, pad = tokenizer.spec.eos_id, tokenizer.spec.pad_id
-    state = _Rows(backend, backend.select_rows(prefix_cache, crop_of_row), prefix_len, rows)
+    state = _Rows(backend, prefix_cache, prefix_len, crop_of_row, shared)
     feeds = [list(s) for s in suffixes]
     tokens = np.full((rows, max_new_tokens), pad, np.int64)
     conf = np.zeros((rows, max_new_tokens))

@@ -259,8 +259,9 @@ class Pose:
             answers, stats = self.backend.locate_rows(image_tokens, crop_of_row, suffixes, self.decoding)
             return np.array([a.values for a in answers], dtype=np.float64), answers, stats
         prefix_cache = prefill_prefix(self.backend, spec.prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
-        # Rows are decoded in chunks that bound the KV cache (every row carries a copy of its
-        # crop's prefix KV); free decoding keeps a person's rows together (its stop rule).
+        # Rows are decoded in chunks that bound the KV cache (the rows' own tokens, plus a copy
+        # of the prefix per row without cascade attention), whole persons per chunk where they
+        # fit (cascade attention wants equal runs per crop; free decoding's stop rule too).
         answers, stats = [], None
         for rows in self._row_chunks(n_crops, k, max(map(len, suffix))):
             sub = [suffixes[i] for i in rows]
@@ -292,13 +293,15 @@ class Pose:
 
     def _row_chunks(self, n_crops: int, k: int, max_suffix: int) -> list[np.ndarray]:
         """Row index chunks whose KV cache fits ``kv_budget_mb``."""
-        tokens = len(self.spec.prefix_ids) + max_suffix + len(self.spec.grammar.slots)
+        tokens = max_suffix + len(self.spec.grammar.slots)
+        if not self.backend.supports_shared_prefix:
+            tokens += len(self.spec.prefix_ids)
         per_row = max(1, self.spec.kv_bytes_per_token * tokens)
         max_rows = max(1, int(self.kv_budget_mb * 2**20 // per_row))
         n = n_crops * k
         if max_rows >= n:
             return [np.arange(n)]
-        if self.decoding == "free":  # whole persons per chunk (at least one)
+        if self.decoding == "free" or max_rows >= k:  # whole persons per chunk (at least one)
             per_chunk = max(1, max_rows // k) * k
         else:
             per_chunk = max_rows

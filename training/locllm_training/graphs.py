@@ -89,3 +89,89 @@ def empty_past(llm_config, batch: int, dtype=torch.float32) -> list[torch.Tensor
     kv_heads = llm_config.num_key_value_heads or llm_config.num_attention_heads
     shape = (batch, kv_heads, 0, head_dim)
     return [torch.zeros(shape, dtype=dtype) for _ in range(2 * llm_config.num_hidden_layers)]
+
+
+class SharedPrefixStep(nn.Module):
+    """A decoder pass for rows that share their crop's prefix KV without copying it.
+
+    Cascade attention: the prefix keys/values stay one copy per crop ([N,kv_heads,Lp,d]);
+    each row's own cache holds only its suffix and answer tokens. Rows are laid out crop by
+    crop, R = B/N rows per crop, so a crop's queries meet its prefix in one matmul, and
+    one softmax runs over [prefix scores | row scores], the same function as attention over
+    the concatenated sequence. (A row whose crop is not shared passes N = B, R = 1.)
+
+    Inputs: ``inputs_embeds`` [B,T,H]; ``attention_mask`` [B,past+T] over the row's own
+    tokens only (the prefix is never padded); ``position_ids`` [B,T] (absolute, prefix
+    included); ``logits_index`` [B,K]; then ``prefix_key_i``, ``prefix_value_i``
+    [N,kv_heads,Lp,d] and ``past_key_i``, ``past_value_i`` [B,kv_heads,past,d] per layer.
+    Outputs: ``logits`` [B,K,V] and the row caches [B,kv_heads,past+T,d].
+    """
+
+    def __init__(self, llm: nn.Module):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.llm = llm
+        self.rope = apply_rotary_pos_emb
+        cfg = llm.config
+        self.num_layers = cfg.num_hidden_layers
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.groups = self.heads // self.kv_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _to_crops(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """[B,heads,T,X] -> [N,kv_heads,R*groups*T,X]: a crop's queries as one matrix."""
+        b, _, t, d = x.shape
+        x = x.reshape(n, b // n, self.kv_heads, self.groups, t, d).permute(0, 2, 1, 3, 4, 5)
+        return x.reshape(n, self.kv_heads, -1, d)
+
+    def _from_crops(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        n, _, _, d = x.shape
+        x = x.reshape(n, self.kv_heads, b // n, self.groups, t, d).permute(0, 2, 1, 3, 4, 5)
+        return x.reshape(b, self.heads, t, d)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_index, *caches):
+        n_layers = self.num_layers
+        prefix, past = caches[: 2 * n_layers], caches[2 * n_layers :]
+        b, t, _ = inputs_embeds.shape
+        n = prefix[0].shape[0]
+        past_len = past[0].shape[2]
+        key_pos = torch.arange(past_len + t, device=inputs_embeds.device)
+        query_pos = torch.arange(t, device=inputs_embeds.device) + past_len
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        dtype = inputs_embeds.dtype
+        row_bias = torch.zeros(allowed.shape, dtype=dtype, device=inputs_embeds.device)
+        row_bias = row_bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        model = self.llm.model
+        hidden = inputs_embeds
+        cos, sin = model.rotary_emb(hidden, position_ids)
+        present = []
+        for i, layer in enumerate(model.layers[:n_layers]):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            present.extend((k, v))
+            pk, pv = prefix[2 * i], prefix[2 * i + 1]
+            lp = pk.shape[2]
+            s_prefix = self._from_crops(torch.matmul(self._to_crops(q, n), pk.transpose(2, 3)), b, t)
+            k_rows = k[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(b, self.heads, -1, self.head_dim)
+            v_rows = v[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(b, self.heads, -1, self.head_dim)
+            s_rows = torch.matmul(q, k_rows.transpose(2, 3))
+            scores = torch.cat([s_prefix, s_rows], dim=3) * attn.scaling
+            scores = torch.cat([scores[..., :lp], scores[..., lp:] + row_bias], dim=3)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = self._from_crops(torch.matmul(self._to_crops(probs[..., :lp], n), pv), b, t)
+            out = out + torch.matmul(probs[..., lp:], v_rows)
+            out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = model.norm(hidden)
+        index = logits_index[:, :, None].expand(-1, -1, hidden.shape[-1])
+        logits = self.llm.lm_head(torch.gather(hidden, 1, index))
+        return (logits, *present)

@@ -47,5 +47,23 @@ class Backend(ABC):
         """One decoder pass. ``attention_mask`` [B, past+T] int64, ``position_ids`` [B,T],
         ``logits_index`` [B,K] -> (float32 logits [B,K,V], cache extended by T)."""
 
+    # Cascade attention: backends that set this run ``forward_shared``, where the prefix KV
+    # stays one copy per crop and row caches hold only the rows' own tokens.
+    supports_shared_prefix: bool = False
+
+    def forward_shared(
+        self,
+        embeds: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        logits_index: np.ndarray,
+        prefix: KVCache,
+        cache: KVCache,
+    ) -> tuple[np.ndarray, KVCache]:
+        """One decoder pass over ``prefix`` ([N,...], one per crop; rows laid out crop by
+        crop, B/N each) and the rows' own ``cache``; ``attention_mask`` covers the rows'
+        own tokens only -> (logits [B,K,V], row cache extended by T)."""
+        raise NotImplementedError(f"backend {self.name} has no shared-prefix decoder step")
+
     def describe(self) -> dict:
         return {"backend": self.name}

@@ -38,6 +38,10 @@ class OnnxRuntimeBackend(Backend):
         providers = providers or ["CPUExecutionProvider"]
         self.vision = ort.InferenceSession(str(engine_dir / files["vision"]), opts, providers=providers)
         self.decoder = ort.InferenceSession(str(engine_dir / files["decoder"]), opts, providers=providers)
+        # engines from format 1 builds before the cascade graph existed lack it: copy path
+        shared = files.get("decoder_shared")
+        self.shared = ort.InferenceSession(str(engine_dir / shared), opts, providers=providers) if shared else None
+        self.supports_shared_prefix = self.shared is not None
         wanted = providers[0]
         actual = self.decoder.get_providers()
         # onnxruntime-gpu falls back to CPU silently: check what the session really uses.
@@ -55,6 +59,7 @@ class OnnxRuntimeBackend(Backend):
         self.head_dim = int(m["head_dim"])
         self.cache_dtype = np.float32
         self._past_names = [n for i in range(self.num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
+        self._prefix_names = [n for i in range(self.num_layers) for n in (f"prefix_key_{i}", f"prefix_value_{i}")]
         self._out_names = ["logits"] + [
             n for i in range(self.num_layers) for n in (f"present_key_{i}", f"present_value_{i}")
         ]
@@ -74,17 +79,28 @@ class OnnxRuntimeBackend(Backend):
         return [np.ascontiguousarray(c[rows]) for c in cache]
 
     def forward(self, embeds, attention_mask, position_ids, logits_index, cache):
-        feeds = {
-            "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-            "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, np.int64),
-            "logits_index": np.ascontiguousarray(logits_index, np.int64),
-        }
+        feeds = _step_feeds(embeds, attention_mask, position_ids, logits_index)
         feeds.update(zip(self._past_names, cache))
         out = self.decoder.run(self._out_names, feeds)
+        return out[0], out[1:]
+
+    def forward_shared(self, embeds, attention_mask, position_ids, logits_index, prefix, cache):
+        feeds = _step_feeds(embeds, attention_mask, position_ids, logits_index)
+        feeds.update(zip(self._prefix_names, prefix))
+        feeds.update(zip(self._past_names, cache))
+        out = self.shared.run(self._out_names, feeds)
         return out[0], out[1:]
 
     def describe(self) -> dict:
         import onnxruntime as ort
 
         return {"backend": self.name, "onnxruntime": ort.__version__, "providers": self.providers}
+
+
+def _step_feeds(embeds, attention_mask, position_ids, logits_index) -> dict:
+    return {
+        "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+        "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
+        "position_ids": np.ascontiguousarray(position_ids, np.int64),
+        "logits_index": np.ascontiguousarray(logits_index, np.int64),
+    }

@@ -20,7 +20,7 @@ class TorchBackend(Backend):
         """From a checkpoint directory, or (``model=``) a LocLLM already in memory."""
         try:
             import torch
-            from locllm_training.graphs import DecoderStep, VisionTower, empty_past
+            from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
             from locllm_training.model import load_checkpoint
         except ImportError as e:
             raise ImportError(
@@ -32,6 +32,7 @@ class TorchBackend(Backend):
         self.model = model if model is not None else load_checkpoint(checkpoint, with_lora=not merged)
         self.vision = VisionTower(self.model).eval()
         self.step = DecoderStep(self.model.llm).eval()
+        self.shared_step = SharedPrefixStep(self.model.llm).eval()
         self._empty_past = lambda b: empty_past(self.model.llm.config, b)
         self.merged = merged
 
@@ -51,15 +52,18 @@ class TorchBackend(Backend):
         return [c.index_select(0, idx) for c in cache]
 
     def forward(self, embeds, attention_mask, position_ids, logits_index, cache):
+        return self._run(self.step, (embeds, attention_mask, position_ids, logits_index), cache)
+
+    supports_shared_prefix = True
+
+    def forward_shared(self, embeds, attention_mask, position_ids, logits_index, prefix, cache):
+        return self._run(self.shared_step, (embeds, attention_mask, position_ids, logits_index), [*prefix, *cache])
+
+    def _run(self, graph, arrays, caches):
         t = self._torch
+        dtypes = (np.float32, np.int64, np.int64, np.int64)
         with t.inference_mode():
-            out = self.step(
-                t.from_numpy(np.ascontiguousarray(embeds, np.float32)),
-                t.from_numpy(np.ascontiguousarray(attention_mask, np.int64)),
-                t.from_numpy(np.ascontiguousarray(position_ids, np.int64)),
-                t.from_numpy(np.ascontiguousarray(logits_index, np.int64)),
-                *cache,
-            )
+            out = graph(*(t.from_numpy(np.ascontiguousarray(a, d)) for a, d in zip(arrays, dtypes)), *caches)
         return out[0].float().numpy(), list(out[1:])
 
     def describe(self) -> dict:
