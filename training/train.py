@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         ("aux-weight", float),
         ("max-rounds", int),
         ("log-every", int),
+        ("coord-dims", int),
     ):
         ap.add_argument(f"--{name}", type=typ)
     ap.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), help="final checkpoint dtype")
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_llm",
         "log_every",
         "storage_dtype",
+        "coord_dims",
     ):
         v = getattr(args, key)
         if v is not None:

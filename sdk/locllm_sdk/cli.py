@@ -1,7 +1,12 @@
 """``locllm``: the command line.
 
-locllm locate IMAGE --model ENGINE_DIR -k neck -k pelvis [--box x,y,w,h] [--json] [--draw out.png]
+locllm demo [--seed N] [--out demo.png]           the bundled demo model on a rendered scene
+locllm locate IMAGE [-m MODEL] -k neck -k pelvis [--box x,y,w,h] [--json] [--draw out.png]
+locllm predict GT.json [-m MODEL] --out preds.json  COCO results for benchmarks/accuracy.py
 locllm info ENGINE_DIR
+
+MODEL is an engine directory, or a checkpoint (its engine is built once and cached; with
+--backend torch it runs unexported); default: the bundled demo model.
 """
 
 from __future__ import annotations
@@ -35,10 +40,24 @@ def _print_table(res) -> None:
             print(f"  {k.name:<16}{k.x:>9.1f}{k.y:>9.1f}{z}{k.score:>8.3f}  {k.answer}")
 
 
-def cmd_locate(args) -> int:
+def _pose(args):
+    """The model of -m (engine dir, or checkpoint: its cached engine unless --backend torch);
+    default: the bundled demo model."""
+    from .demo import bundled_model, engine_for
+    from .engine import MANIFEST
     from .pose import Pose
 
-    pose = Pose(args.model, backend=args.backend, decoding=args.decoding, threads=args.threads)
+    path = Path(args.model) if args.model else bundled_model("demo")
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist")
+    is_checkpoint = (path / "config.json").is_file() and not (path / MANIFEST).is_file()
+    if is_checkpoint and args.backend != "torch":
+        path = engine_for(path)
+    return Pose(path, backend=args.backend, decoding=args.decoding, threads=args.threads)
+
+
+def cmd_locate(args) -> int:
+    pose = _pose(args)
     keypoints = args.keypoint or args.skeleton
     res = pose.locate(args.image, keypoints, boxes=args.box or None)
     if args.json:
@@ -50,6 +69,26 @@ def cmd_locate(args) -> int:
 
         draw_results(args.image, res, args.draw)
         print(f"overlay written to {args.draw}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    lo, _, hi = args.persons.partition("-")
+    run_demo(seed=args.seed, persons=(int(lo), int(hi or lo)), out=args.out, backend=args.backend, model=args.model)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_coco
+
+    pose = _pose(args)
+    preds = predict_coco(pose, args.gt, args.keypoints, args.images, args.limit)
+    args.out.write_text(json.dumps(preds) + "\n")
+    print(f"{len(preds)} person predictions written to {args.out}; score them with:")
+    flag = "--gt3d COMPANION.json" if pose.spec.coord_dims == 3 else ""
+    print(f"  python benchmarks/accuracy.py --gt {args.gt} {flag} --pred {args.out}".replace("  --", " --"))
     return 0
 
 
@@ -75,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     loc = sub.add_parser("locate", help="locate keypoints in an image")
     loc.add_argument("image", help="image file")
-    loc.add_argument("--model", "-m", required=True, help="engine directory (or checkpoint dir with --backend torch)")
+    model_help = "engine directory or checkpoint (default: the bundled demo model)"
+    loc.add_argument("--model", "-m", help=model_help)
     loc.add_argument("-k", "--keypoint", action="append", help="keypoint name (repeatable); default: the skeleton")
     loc.add_argument("--skeleton", default="coco17", help="skeleton used when no -k is given (default coco17)")
     loc.add_argument("--box", action="append", type=_box, help="person box x,y,w,h (repeatable); default whole image")
@@ -85,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--json", action="store_true", help="print JSON instead of a table")
     loc.add_argument("--draw", type=Path, help="write an overlay PNG")
     loc.set_defaults(func=cmd_locate)
+    demo = sub.add_parser("demo", help="run the bundled demo model on a rendered SynthPose scene")
+    demo.add_argument("--seed", type=int, default=7, help="scene seed (default 7)")
+    demo.add_argument("--persons", default="2-3", help="people in the scene: N or MIN-MAX (default 2-3)")
+    demo.add_argument("--out", type=Path, default=Path("demo.png"), help="overlay PNG (default demo.png)")
+    demo.add_argument("--model", "-m", help="a checkpoint to demo instead of the bundled one")
+    demo.add_argument("--backend", default="auto", choices=BACKENDS)
+    demo.set_defaults(func=cmd_demo)
+    pred = sub.add_parser("predict", help="predict every ground-truth person of a COCO-keypoints file")
+    pred.add_argument("gt", type=Path, help="COCO keypoints JSON (SynthPose, COCO)")
+    pred.add_argument("--model", "-m", help=model_help)
+    pred.add_argument("--out", type=Path, required=True, help="COCO results JSON to write")
+    pred.add_argument("--keypoints", default="auto", help="auto (the extended list if described), a skeleton, or a,b,c")
+    pred.add_argument("--images", type=Path, help="image folder (default: guessed from the layout)")
+    pred.add_argument("--limit", type=int, help="first N images only")
+    pred.add_argument("--backend", default="auto", choices=BACKENDS)
+    pred.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
+    pred.add_argument("--threads", type=int, default=None)
+    pred.set_defaults(func=cmd_predict)
     info = sub.add_parser("info", help="describe an engine directory")
     info.add_argument("engine")
     info.set_defaults(func=cmd_info)

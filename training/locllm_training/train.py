@@ -68,6 +68,9 @@ class TrainConfig:
     workers: int = 1
     log_every: int = 10
     storage_dtype: str | None = None  # e.g. "float16" for the final checkpoint file
+    # answer with 2 or 3 coordinates whatever the init checkpoint did: the weights are the
+    # same, only the answer format changes (a 3D model fine-tuned from a 2D one)
+    coord_dims: int | None = None
     aux_weight: float = 0.0  # >0: auxiliary "which patch holds joint j" loss on the vision tokens
 
     @classmethod
@@ -218,6 +221,10 @@ def run(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
     model = load_checkpoint(cfg.init, with_lora=True)
+    if cfg.coord_dims:
+        if cfg.coord_dims not in (2, 3):
+            raise ValueError(f"coord_dims must be 2 or 3, got {cfg.coord_dims}")
+        model.config.coord_dims = cfg.coord_dims
     model.train()
     tok = PromptTokenizer.from_dir(cfg.init)
     library = DescriptionLibrary.load()

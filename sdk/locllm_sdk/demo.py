@@ -1,0 +1,130 @@
+"""The bundled demo model, its cached engine, and ``locllm demo``.
+
+``locllm demo`` renders a SynthPose scene (seeded, never seen in training), builds the demo
+model's engine on first use (cached by checkpoint content), locates every keypoint of every
+person - the 17 COCO joints and the keypoints held out of training (neck, pelvis), from
+their descriptions alone - prints a table, writes an overlay PNG and scores the answers
+against the scene's exact ground truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .engine import MANIFEST, read_manifest
+
+_REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+_WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are keyed by name, size and mtime
+
+
+def bundled_model(name: str = "demo") -> Path:
+    """A checkpoint shipped with the package (``locllm_sdk._models``, the repo's models/)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("locllm_sdk._models") / name))
+        if (path / "config.json").is_file():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    path = _REPO_MODELS / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"bundled model {name!r} not found (looked in locllm_sdk._models and {_REPO_MODELS})")
+    return path
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LOCLLM_CACHE"):
+        return Path(os.environ["LOCLLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "locllm"
+
+
+def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
+    """The checkpoint's ONNX engine, built once per checkpoint content and cached."""
+    checkpoint = Path(checkpoint)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        st = f.stat()
+        digest.update(f.name.encode())
+        if st.st_size <= _WHOLE_FILE_LIMIT:
+            digest.update(f.read_bytes())
+        else:
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    engine = cache_dir() / "engines" / f"{checkpoint.name}-{digest.hexdigest()[:16]}"
+    if (engine / MANIFEST).is_file() and not rebuild:
+        read_manifest(engine)  # verifies checksums: a damaged cache is an error, not a wrong answer
+        return engine
+    try:
+        from locllm_export.build import build_onnx_engine
+    except ImportError as e:
+        raise RuntimeError(
+            "building an engine needs the export extra (torch, transformers, onnx): pip install 'locllm-sdk[export]'"
+        ) from e
+    print(f"building the engine for {checkpoint} once -> {engine}", file=sys.stderr)
+    build_onnx_engine(checkpoint, engine, overwrite=True)
+    return engine
+
+
+def held_out_keypoints(checkpoint: Path) -> list[str]:
+    """Keypoints the checkpoint was trained without (recorded by training/train.py)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    return list((config.get("trained") or {}).get("exclude") or [])
+
+
+def run_demo(
+    seed: int = 7,
+    persons: tuple[int, int] = (2, 3),
+    out: str | Path = "demo.png",
+    backend: str = "auto",
+    model: str | Path | None = None,
+    size: int = 384,
+) -> dict:
+    from locllm_training.synthpose.scene import generate_sample
+    from locllm_training.synthpose.skeleton import JOINT_NAMES
+
+    from .draw import draw_results
+    from .evaluation import pck
+    from .pose import Pose
+
+    checkpoint = Path(model) if model else bundled_model("demo")
+    novel = held_out_keypoints(checkpoint)
+    pose = Pose(engine_for(checkpoint), backend=backend)
+    sample = generate_sample(seed, 0, size, persons, "test")  # the test split: never trained on
+    image = np.ascontiguousarray(sample.image[:, :, ::-1])  # renderer's BGR -> RGB
+    coco = list(pose.library.skeletons["coco17"].keypoints)
+    names = coco + [n for n in novel if n not in coco]
+    boxes = [p.bbox for p in sample.persons]
+    res = pose.locate(image, names, boxes=boxes)
+    idx = [JOINT_NAMES.index(n) for n in names]
+    gt = np.stack([p.joints_2d[idx] for p in sample.persons])
+    vis = np.stack([p.vis[idx] for p in sample.persons]) > 0
+    pred = res.numpy()[:, :, :2]
+    norm = np.array([max(b[2], b[3]) for b in boxes])
+    seen = [i for i, n in enumerate(names) if n not in novel]
+    unseen = [i for i, n in enumerate(names) if n in novel]
+    pck_seen = pck(pred[:, seen], gt[:, seen], vis[:, seen], norm, 0.1)["mean"]
+    pck_novel = pck(pred[:, unseen], gt[:, unseen], vis[:, unseen], norm, 0.1)["mean"] if unseen else None
+    for i, person in enumerate(res):
+        print(f"person {i}  box={[round(v) for v in person.box]}  score={person.score:.3f}")
+        print(f"  {'keypoint':<16}{'x':>8}{'y':>8}{'gt x':>8}{'gt y':>8}{'err px':>8}{'score':>7}")
+        for j, k in enumerate(person):
+            err = float(np.hypot(k.x - gt[i, j, 0], k.y - gt[i, j, 1]))
+            note = "  novel: held out of training" if k.name in novel else ""
+            note += "" if vis[i, j] else "  (outside the image)"
+            print(
+                f"  {k.name:<16}{k.x:>8.1f}{k.y:>8.1f}{gt[i, j, 0]:>8.1f}{gt[i, j, 1]:>8.1f}{err:>8.1f}"
+                f"{k.score:>7.2f}{note}"
+            )
+    draw_results(image, res, out, library=pose.library)
+    line = f"PCK@0.1 against the scene's ground truth: {pck_seen:.3f} on the {len(seen)} trained keypoints"
+    if pck_novel is not None:
+        line += f", {pck_novel:.3f} on the held-out {', '.join(novel)}"
+    print(line)
+    print(f"overlay written to {out}  ({res.info['backend']} backend, {res.info['decoder_passes']} decoder passes)")
+    return {"pck_trained": pck_seen, "pck_novel": pck_novel, "persons": len(res), "overlay": str(out)}

@@ -1,0 +1,109 @@
+"""locllm demo / predict / locate-by-default: the cached engine, the COCO-results writer and
+its round trip through benchmarks/accuracy.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from locllm_sdk import Pose
+from locllm_sdk.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synth_val(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthval")
+    cmd = [sys.executable, str(ROOT / "training" / "make_synthpose.py"), "--output", str(out)]
+    cmd += ["--images", "3", "--seed", "5", "--split", "val", "--persons", "1-2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out / "annotations"
+
+
+def test_engine_cache_is_keyed_by_content(trained, tmp_path, monkeypatch):
+    from locllm_sdk.demo import engine_for
+
+    monkeypatch.setenv("LOCLLM_CACHE", str(tmp_path / "cache"))
+    ckpt, _ = trained[2]
+    copy = tmp_path / "ckpt"
+    import shutil
+
+    shutil.copytree(ckpt, copy)
+    first = engine_for(copy)
+    assert engine_for(copy) == first  # cached, not rebuilt
+    assert Pose(first).spec.coord_dims == 2
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["note"] = "changed"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert engine_for(copy) != first  # another checkpoint content, another engine
+
+
+def test_predict_writes_results_that_accuracy_scores(trained, synth_val, tmp_path):
+    ckpt, engine = trained[2]
+    gt = synth_val / "person_keypoints_val.json"
+    out = tmp_path / "preds.json"
+    assert cli(["predict", str(gt), "-m", str(engine), "--out", str(out)]) == 0
+    preds = json.loads(out.read_text())
+    doc = json.loads(gt.read_text())
+    assert len(preds) == len(doc["annotations"])
+    ext = doc["categories"][0]["keypoint_names_ext"]
+    assert all(len(p["keypoints"]) == 3 * len(ext) for p in preds)  # auto: the extended list
+    # the written coordinates are Pose's own
+    im = doc["images"][0]
+    anns = [a for a in doc["annotations"] if a["image_id"] == im["id"]]
+    res = Pose(engine).locate(
+        str(gt.parent.parent / "images" / "val" / im["file_name"]), ext, [a["bbox"] for a in anns]
+    )
+    mine = [p for p in preds if p["image_id"] == im["id"]]
+    assert np.allclose(np.asarray(mine[0]["keypoints"]).reshape(-1, 3), res[0].numpy(), atol=1e-3)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--gt", str(gt), "--pred", str(out), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    text = json.dumps(result)
+    assert "neck" in text and "PCK@0.1" in text
+
+
+def test_predict_3d_gives_mpjpe(trained, synth_val, tmp_path):
+    _, engine = trained[3]
+    gt = synth_val / "person_keypoints_val.json"
+    out = tmp_path / "preds3d.json"
+    assert cli(["predict", str(gt), "-m", str(engine), "--out", str(out)]) == 0
+    preds = json.loads(out.read_text())
+    assert all(len(p["z_norm"]) * 3 == len(p["keypoints"]) for p in preds)
+    from locllm_sdk.evaluation import evaluate_3d
+
+    r = evaluate_3d(synth_val / "synthpose3d_val.json", preds)
+    assert r["matched"] == len(preds) and np.isfinite(r["MPJPE"]) and r["MPJPE"] > 0
+
+
+def test_predict_names_missing_images(trained, synth_val, tmp_path, capsys):
+    _, engine = trained[2]
+    doc = json.loads((synth_val / "person_keypoints_val.json").read_text())
+    gt = tmp_path / "elsewhere" / "person_keypoints_val.json"
+    gt.parent.mkdir()
+    gt.write_text(json.dumps(doc))
+    assert cli(["predict", str(gt), "-m", str(engine), "--out", str(tmp_path / "p.json")]) == 2
+    assert "cannot find the images" in capsys.readouterr().err
+
+
+def test_demo_command(trained, tmp_path):
+    ckpt, _ = trained[2]
+    env = dict(os.environ, LOCLLM_CACHE=str(tmp_path / "cache"))
+    overlay = tmp_path / "demo.png"
+    cmd = [sys.executable, "-m", "locllm_sdk.cli", "demo", "-m", str(ckpt), "--out", str(overlay), "--seed", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "PCK@0.1 against the scene's ground truth" in run.stdout
+    assert "left ankle" in run.stdout
+    import cv2
+
+    assert cv2.imread(str(overlay)) is not None
+    assert len(list((tmp_path / "cache" / "engines").iterdir())) == 1
