@@ -312,6 +312,11 @@ def run(cfg: TrainConfig) -> Path:
         data_collator=partial(collate, pad_id=tok.spec.pad_id),
         callbacks=callbacks,
     )
+    if trainer.is_world_process_zero():
+        per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        backend = args.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        parallel = f"data parallel: {args.world_size} processes ({backend})" if args.world_size > 1 else "1 process"
+        print(f"{parallel}, {per_step} samples per optimizer step")
     resume = _last_checkpoint(out / "trainer")
     if resume:
         print(f"resuming from {resume}")
