@@ -61,7 +61,9 @@ def random_model(config: LocLLMConfig, seed: int = 0, random_lora: bool = True) 
     return model.eval()
 
 
-def teach_format(model: LocLLM, tokenizer, steps: int, seed: int = 0, lr: float = 3e-3, batch: int = 4) -> LocLLM:
+def teach_format(
+    model: LocLLM, tokenizer, steps: int, seed: int = 0, lr: float | None = None, batch: int = 4
+) -> LocLLM:
     """Fit a random model for a few steps, on random crops, to answer in the protocol's
     format: each keypoint gets its own typical position (+ noise), so answers differ per
     request while the last digits (close to uniform) swing with the image. A random model
@@ -72,6 +74,10 @@ def teach_format(model: LocLLM, tokenizer, steps: int, seed: int = 0, lr: float 
     from locllm_sdk.protocol import format_answer
 
     cfg = model.config
+    if lr is None:
+        # 3e-3 teaches the small presets in ~100 steps but collapses the 768-wide base
+        # preset into answering "[0..........." greedily; wide models need a gentler rate.
+        lr = 3e-3 if model.llm.config.hidden_size <= 256 else 5e-4
     lib = DescriptionLibrary.load()
     names = list(lib.descriptions)
     rng = np.random.default_rng(seed)
