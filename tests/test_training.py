@@ -156,3 +156,36 @@ def test_two_process_data_parallel_on_cpu(synth, tiny_checkpoint, tmp_path):
     assert state["epoch"] == pytest.approx(4 * 4 / 12, rel=0.01)
     img = np.random.default_rng(1).integers(0, 255, (120, 90, 3)).astype(np.uint8)
     assert len(Pose(out / "final", backend="torch").locate(img, ["nose"])[0]) == 1
+
+
+def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_checkpoint, tmp_path):
+    import shutil
+
+    import torch
+    from locllm_training.model import CheckpointError, load_checkpoint, save_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_checkpoint, parent)
+    model = load_checkpoint(parent)
+    with torch.no_grad():  # a fine-tune that touched only the projector (LM, ViT frozen)
+        model.projector.weight.add_(0.01)
+        model.config.coord_dims = 3
+    child = tmp_path / "models" / "child"
+    save_checkpoint(model, parent, child, parent=parent)
+    stored = load_file(str(child / "model.safetensors"))
+    assert sorted(stored) == ["projector.weight"]
+    ref = json.loads((child / "config.json").read_text())["parent_weights"]
+    assert ref["path"] == "../../parent"
+    back = load_checkpoint(child)
+    assert back.config.coord_dims == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+    # the parent changes under it: the child refuses to load instead of mixing weights
+    state = load_file(str(parent / "model.safetensors"))
+    key = next(k for k in state if k.startswith("llm.") and state[k].is_floating_point())
+    state[key] = state[key] + 1
+    save_file(state, str(parent / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="parent checkpoint was changed"):
+        load_checkpoint(child)

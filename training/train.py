@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), help="final checkpoint dtype")
     ap.add_argument("--train-llm", choices=("lora", "full"), help="LoRA on q/v (paper) or the whole LM")
     ap.add_argument("--exclude", help="comma-separated keypoints held out of training")
+    ap.add_argument("--delta-of", help="write the final checkpoint as its differences from this checkpoint")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-augment", action="store_true")
     args = ap.parse_args(argv)
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_every",
         "storage_dtype",
         "coord_dims",
+        "delta_of",
     ):
         v = getattr(args, key)
         if v is not None:

@@ -6,7 +6,7 @@ locllm predict GT.json [-m MODEL] --out preds.json  COCO results for benchmarks/
 locllm info ENGINE_DIR
 
 MODEL is an engine directory, or a checkpoint (its engine is built once and cached; with
---backend torch it runs unexported); default: the bundled demo model.
+--backend torch it runs unexported), or demo / demo3d: the bundled models (default demo).
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def _pose(args):
     from .engine import MANIFEST
     from .pose import Pose
 
-    path = Path(args.model) if args.model else bundled_model("demo")
+    if not args.model or (args.model in ("demo", "demo3d") and not Path(args.model).is_dir()):
+        path = bundled_model(args.model or "demo")
+    else:
+        path = Path(args.model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
     is_checkpoint = (path / "config.json").is_file() and not (path / MANIFEST).is_file()
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     loc = sub.add_parser("locate", help="locate keypoints in an image")
     loc.add_argument("image", help="image file")
-    model_help = "engine directory or checkpoint (default: the bundled demo model)"
+    model_help = "engine directory, checkpoint, or demo / demo3d (the bundled models; default demo)"
     loc.add_argument("--model", "-m", help=model_help)
     loc.add_argument("-k", "--keypoint", action="append", help="keypoint name (repeatable); default: the skeleton")
     loc.add_argument("--skeleton", default="coco17", help="skeleton used when no -k is given (default coco17)")
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="scene seed (default 7)")
     demo.add_argument("--persons", default="2-3", help="people in the scene: N or MIN-MAX (default 2-3)")
     demo.add_argument("--out", type=Path, default=Path("demo.png"), help="overlay PNG (default demo.png)")
-    demo.add_argument("--model", "-m", help="a checkpoint to demo instead of the bundled one")
+    demo.add_argument("--model", "-m", help="demo (default), demo3d (the bundled 3D model) or a checkpoint")
     demo.add_argument("--backend", default="auto", choices=BACKENDS)
     demo.set_defaults(func=cmd_demo)
     pred = sub.add_parser("predict", help="predict every ground-truth person of a COCO-keypoints file")

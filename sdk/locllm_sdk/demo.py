@@ -85,14 +85,18 @@ def run_demo(
     model: str | Path | None = None,
     size: int = 384,
 ) -> dict:
-    from locllm_training.synthpose.scene import generate_sample
+    from locllm_training.synthpose.scene import ROOT, generate_sample
     from locllm_training.synthpose.skeleton import JOINT_NAMES
 
     from .draw import draw_results
     from .evaluation import pck
     from .pose import Pose
 
-    checkpoint = Path(model) if model else bundled_model("demo")
+    # "demo" / "demo3d" name the bundled checkpoints unless a directory of that name exists
+    if model is None or (str(model) in ("demo", "demo3d") and not Path(model).is_dir()):
+        checkpoint = bundled_model(str(model or "demo"))
+    else:
+        checkpoint = Path(model)
     novel = held_out_keypoints(checkpoint)
     pose = Pose(engine_for(checkpoint), backend=backend)
     sample = generate_sample(seed, 0, size, persons, "test")  # the test split: never trained on
@@ -105,6 +109,10 @@ def run_demo(
     gt = np.stack([p.joints_2d[idx] for p in sample.persons])
     vis = np.stack([p.vis[idx] for p in sample.persons]) > 0
     pred = res.numpy()[:, :, :2]
+    three_d = pose.spec.coord_dims == 3
+    # ground-truth depth relative to the pelvis (mm), the 3D models' convention
+    gt_z = np.stack([p.joints_cam[idx, 2] - p.joints_cam[ROOT, 2] for p in sample.persons])
+    z_err: list[float] = []
     norm = np.array([max(b[2], b[3]) for b in boxes])
     seen = [i for i, n in enumerate(names) if n not in novel]
     unseen = [i for i, n in enumerate(names) if n in novel]
@@ -112,19 +120,32 @@ def run_demo(
     pck_novel = pck(pred[:, unseen], gt[:, unseen], vis[:, unseen], norm, 0.1)["mean"] if unseen else None
     for i, person in enumerate(res):
         print(f"person {i}  box={[round(v) for v in person.box]}  score={person.score:.3f}")
-        print(f"  {'keypoint':<16}{'x':>8}{'y':>8}{'gt x':>8}{'gt y':>8}{'err px':>8}{'score':>7}")
+        zhead = f"{'z mm':>8}{'gt z':>8}" if three_d else ""
+        print(f"  {'keypoint':<16}{'x':>8}{'y':>8}{'gt x':>8}{'gt y':>8}{'err px':>8}{zhead}{'score':>7}")
         for j, k in enumerate(person):
             err = float(np.hypot(k.x - gt[i, j, 0], k.y - gt[i, j, 1]))
             note = "  novel: held out of training" if k.name in novel else ""
             note += "" if vis[i, j] else "  (outside the image)"
+            zcols = ""
+            if three_d and k.z is not None:
+                zcols = f"{k.z:>8.0f}{gt_z[i, j]:>8.0f}"
+                z_err.append(abs(k.z - float(gt_z[i, j])))
             print(
                 f"  {k.name:<16}{k.x:>8.1f}{k.y:>8.1f}{gt[i, j, 0]:>8.1f}{gt[i, j, 1]:>8.1f}{err:>8.1f}"
-                f"{k.score:>7.2f}{note}"
+                f"{zcols}{k.score:>7.2f}{note}"
             )
     draw_results(image, res, out, library=pose.library)
     line = f"PCK@0.1 against the scene's ground truth: {pck_seen:.3f} on the {len(seen)} trained keypoints"
     if pck_novel is not None:
         line += f", {pck_novel:.3f} on the held-out {', '.join(novel)}"
+    if z_err:
+        line += f"; mean depth error {np.mean(z_err):.0f} mm (pelvis-relative)"
     print(line)
     print(f"overlay written to {out}  ({res.info['backend']} backend, {res.info['decoder_passes']} decoder passes)")
-    return {"pck_trained": pck_seen, "pck_novel": pck_novel, "persons": len(res), "overlay": str(out)}
+    return {
+        "pck_trained": pck_seen,
+        "pck_novel": pck_novel,
+        "depth_error_mm": float(np.mean(z_err)) if z_err else None,
+        "persons": len(res),
+        "overlay": str(out),
+    }

@@ -8,6 +8,7 @@ LM by replacing the embeddings at ``<im_patch>`` positions with projected patch 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from locllm_sdk.crop import CLIP_MEAN, CLIP_STD
 from locllm_sdk.protocol import PROTOCOL_VERSION
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+
+from .pretrained import file_sha256
 
 CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -266,17 +269,61 @@ def _to_model_key(key: str, names: set[str]) -> str:
     return f"{head}.base_layer.{leaf}"
 
 
+def _weight_files(checkpoint: Path) -> list[Path]:
+    weights = checkpoint / "model.safetensors"
+    index = checkpoint / "model.safetensors.index.json"  # sharded: read one shard at a time
+    if weights.is_file():
+        return [weights]
+    if index.is_file():
+        return [checkpoint / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    raise CheckpointError(f"{checkpoint}: model.safetensors (or model.safetensors.index.json) is missing")
+
+
+def parent_checkpoint(checkpoint: str | Path) -> Path | None:
+    """The checkpoint whose tensors a delta checkpoint (``parent_weights`` in config.json:
+    a path relative to it + the parent's model.safetensors sha256) omits; checked here."""
+    checkpoint = Path(checkpoint)
+    ref = json.loads((checkpoint / "config.json").read_text()).get("parent_weights")
+    if not ref:
+        return None
+    parent = (checkpoint / ref["path"]).resolve()
+    weights = parent / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{checkpoint} stores only its differences from {parent}, which has no model.safetensors")
+    if file_sha256(weights) != ref["sha256"]:
+        raise CheckpointError(
+            f"{checkpoint} stores only its differences from {weights}, but that file's sha256 is not the "
+            f"recorded {ref['sha256']}: the parent checkpoint was changed"
+        )
+    return parent
+
+
+def stored_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint stores, its parents' included (not external vision weights)."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    parent = parent_checkpoint(checkpoint)
+    state = stored_state(parent) if parent else {}
+    for file in _weight_files(checkpoint):
+        state.update(load_file(str(file)))
+    return state
+
+
 def save_checkpoint(
     model: LocLLM,
     tokenizer_dir: str | Path,
     output: str | Path,
     extra: dict | None = None,
     storage_dtype: torch.dtype | None = None,
+    parent: str | Path | None = None,
 ) -> Path:
     """Write our checkpoint format: config.json, model.safetensors, tokenizer files.
 
     With ``config.vision_weights`` the frozen vision base weights are not written (they are
-    checked to be the referenced ones); ``storage_dtype`` (e.g. float16) shrinks the file.
+    checked to be the referenced ones); ``storage_dtype`` (e.g. float16) shrinks the file;
+    with ``parent`` only the tensors that differ from that checkpoint's are written (a delta
+    checkpoint: e.g. a 3D model fine-tuned from a 2D one with the LM frozen).
     """
     import shutil
 
@@ -300,6 +347,18 @@ def save_checkpoint(
     if storage_dtype is not None:
         state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
         config["storage_dtype"] = str(storage_dtype).replace("torch.", "")
+    config.pop("parent_weights", None)
+    if parent is not None:
+        parent = Path(parent).resolve()
+        inherited = stored_state(parent)
+        state = {k: v for k, v in state.items() if not (k in inherited and torch.equal(inherited[k].to(v.dtype), v))}
+        weights = _weight_files(parent)
+        if len(weights) != 1:
+            raise CheckpointError(f"a delta checkpoint needs a single-file parent; {parent} is sharded")
+        config["parent_weights"] = {
+            "path": os.path.relpath(parent, output.resolve()),
+            "sha256": file_sha256(weights[0]),
+        }
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     tokenizer_dir = Path(tokenizer_dir)
@@ -323,15 +382,9 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
 
     checkpoint = Path(checkpoint)
     config = load_config(checkpoint)
-    weights = checkpoint / "model.safetensors"
-    index = checkpoint / "model.safetensors.index.json"  # sharded: read one shard at a time
-    if weights.is_file():
-        files = [weights]
-    elif index.is_file():
-        weights = index
-        files = [checkpoint / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    else:
-        raise CheckpointError(f"{checkpoint}: model.safetensors (or model.safetensors.index.json) is missing")
+    files = _weight_files(checkpoint)
+    weights = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
+    parent = parent_checkpoint(checkpoint)
     model = LocLLM(config, with_lora=True)
     loaded, unexpected = set(), []
     if config.vision_weights:
@@ -339,6 +392,11 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
         base = {_to_model_key(k, names): v for k, v in external_vision_state(config).items()}
         unexpected += model.load_state_dict(base, strict=False).unexpected_keys
         loaded.update(base)
+    if parent is not None:
+        inherited = stored_state(parent)
+        unexpected += model.load_state_dict(inherited, strict=False).unexpected_keys
+        loaded.update(inherited)
+        del inherited
     for file in files:
         state = load_file(str(file))
         unexpected += model.load_state_dict(state, strict=False).unexpected_keys

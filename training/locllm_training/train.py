@@ -72,6 +72,9 @@ class TrainConfig:
     # same, only the answer format changes (a 3D model fine-tuned from a 2D one)
     coord_dims: int | None = None
     aux_weight: float = 0.0  # >0: auxiliary "which patch holds joint j" loss on the vision tokens
+    # write the final checkpoint as its differences from this one (e.g. the init, when the
+    # LM stayed frozen): a few MB instead of the whole model, the parent sha256-checked
+    delta_of: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -329,6 +332,7 @@ def run(cfg: TrainConfig) -> Path:
             final,
             extra={"trained": {"stage": cfg.stage, "steps": cfg.steps, "exclude": cfg.exclude}},
             storage_dtype=getattr(torch, cfg.storage_dtype) if cfg.storage_dtype else None,
+            parent=cfg.delta_of,
         )
         if val_fn:
             metrics = val_fn()
