@@ -41,9 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(gt, list):
             gt = ev.mpii_list_to_coco(gt)
             if preds and "joints" in preds[0]:  # MPII-style predictions, same order as GT
-                preds = [{"image_id": a["image_id"], "ann_id": a["id"], "category_id": 1, "score": 1.0,
-                          "keypoints": [c for xy in p["joints"] for c in (*xy[:2], 1.0)]}
-                         for p, a in zip(preds, gt["annotations"], strict=True)]
+                preds = [
+                    {
+                        "image_id": a["image_id"],
+                        "ann_id": a["id"],
+                        "category_id": 1,
+                        "score": 1.0,
+                        "keypoints": [c for xy in p["joints"] for c in (*xy[:2], 1.0)],
+                    }
+                    for p, a in zip(preds, gt["annotations"], strict=True)
+                ]
         alphas = [float(a) for a in args.alphas.split(",") if a]
         result |= ev.evaluate_2d(gt, preds, alphas)
     if args.gt3d:
@@ -58,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"matched {result['matched']}/{result['gt_persons']} GT persons")
         for key, r in result.items():
             if key.startswith("PCK@"):
-                print(f"{key}  mean {r['mean']:.4f}")
+                std = [f"{k.split('_')[1]} standard joints {v:.4f}" for k, v in r.items() if k.startswith("mean_")]
+                print(f"{key}  mean {r['mean']:.4f}" + (f"  ({std[0]})" if std else ""))
                 for n, v in r["per_joint"].items():
                     print(f"    {n:16s} {'-' if v is None else f'{v:.4f}'}")
     if "3d" in result:
         r = result["3d"]
-        print(f"3D: matched {r['matched']}/{r['gt_persons']}  MPJPE {r['MPJPE']:.2f} mm  "
-              f"PA-MPJPE {r['PA-MPJPE']:.2f} mm")
+        print(
+            f"3D: matched {r['matched']}/{r['gt_persons']}  MPJPE {r['MPJPE']:.2f} mm  PA-MPJPE {r['PA-MPJPE']:.2f} mm"
+        )
     return 0
 
 

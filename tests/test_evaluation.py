@@ -27,14 +27,23 @@ def _gt(n_img: int = 6, seed: int = 0) -> dict:
             kp[:, 1] = y0 + rng.uniform(0, h, 17)
             kp[:, 2] = rng.choice([1, 2], 17)
             kp[rng.random(17) < 0.15] = 0
-            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": 1, "iscrowd": 0,
-                         "bbox": [x0, y0, w, h], "area": w * h, "keypoints": kp.ravel().tolist(),
-                         "num_keypoints": int((kp[:, 2] > 0).sum())})
-    return {"images": [{"id": i, "file_name": f"{i}.png", "width": 500, "height": 500}
-                       for i in range(1, n_img + 1)],
-            "annotations": anns,
-            "categories": [{"id": 1, "name": "person", "keypoints": ev.COCO17_NAMES,
-                            "skeleton": [[16, 14]]}]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x0, y0, w, h],
+                    "area": w * h,
+                    "keypoints": kp.ravel().tolist(),
+                    "num_keypoints": int((kp[:, 2] > 0).sum()),
+                }
+            )
+    return {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 500, "height": 500} for i in range(1, n_img + 1)],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "person", "keypoints": ev.COCO17_NAMES, "skeleton": [[16, 14]]}],
+    }
 
 
 def _preds(gt: dict, noise: float, seed: int = 1) -> list[dict]:
@@ -44,8 +53,7 @@ def _preds(gt: dict, noise: float, seed: int = 1) -> list[dict]:
         kp = np.array(a["keypoints"], float).reshape(-1, 3)
         kp[:, :2] += rng.normal(0, 1, (17, 2)) * noise * max(a["bbox"][2:])
         kp[:, 2] = 1.0
-        out.append({"image_id": a["image_id"], "category_id": 1, "score": 0.9,
-                    "keypoints": kp.ravel().tolist()})
+        out.append({"image_id": a["image_id"], "category_id": 1, "score": 0.9, "keypoints": kp.ravel().tolist()})
     return out
 
 
@@ -89,8 +97,10 @@ def test_matching_by_ann_id_and_by_oks() -> None:
     assert (m["pred_index"] >= 0).all()
     np.testing.assert_allclose(np.nan_to_num(m["pred_xy"]), m["gt_xy"])
     # explicit ann_id wins even when the keypoints are far away
-    wrong = [dict(p, ann_id=a["id"], keypoints=(np.array(p["keypoints"]) + 500).tolist())
-             for p, a in zip(preds, gt["annotations"], strict=True)]
+    wrong = [
+        dict(p, ann_id=a["id"], keypoints=(np.array(p["keypoints"]) + 500).tolist())
+        for p, a in zip(preds, gt["annotations"], strict=True)
+    ]
     m2 = ev.match_predictions(gt, wrong)
     assert list(m2["pred_index"]) == list(range(len(wrong)))
     assert ev.pck(m2["pred_xy"], m2["gt_xy"], m2["vis"], m2["norm"], 0.1)["mean"] == 0.0
@@ -123,20 +133,48 @@ def test_synthpose_files_end_to_end(tmp_path: Path) -> None:
     comp = json.loads((tmp_path / "annotations" / "synthpose3d_train.json").read_text())
     z = {a["id"]: a["z_norm"] for a in comp["annotations"]}
     for field in ("keypoints", "keypoints_ext"):
-        preds = [{"image_id": a["image_id"], "category_id": 1, "score": 1.0,
-                  "keypoints": a[field], "z_norm": z[a["id"]]}
-                 for a in gt["annotations"] if a["num_keypoints"] > 0]
+        preds = [
+            {"image_id": a["image_id"], "category_id": 1, "score": 1.0, "keypoints": a[field], "z_norm": z[a["id"]]}
+            for a in gt["annotations"]
+            if a["num_keypoints"] > 0
+        ]
         assert ev.coco_ap(gt_path, preds)["AP"] == pytest.approx(1.0)
     preds_path = tmp_path / "pred.json"
-    full = [{"image_id": a["image_id"], "ann_id": a["id"], "category_id": 1, "score": 1.0,
-             "keypoints": [c for xy in a["joints_2d"] for c in (*xy, 1.0)], "z_norm": a["z_norm"]}
-            for a in comp["annotations"]]
+    full = [
+        {
+            "image_id": a["image_id"],
+            "ann_id": a["id"],
+            "category_id": 1,
+            "score": 1.0,
+            "keypoints": [c for xy in a["joints_2d"] for c in (*xy, 1.0)],
+            "z_norm": a["z_norm"],
+        }
+        for a in comp["annotations"]
+    ]
     preds_path.write_text(json.dumps(full))
-    out = subprocess.run([sys.executable, str(ROOT_DIR / "benchmarks" / "accuracy.py"), "--gt",
-                          str(gt_path), "--gt3d", str(tmp_path / "annotations" / "synthpose3d_train.json"),
-                          "--pred", str(preds_path), "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT_DIR / "benchmarks" / "accuracy.py"),
+            "--gt",
+            str(gt_path),
+            "--gt3d",
+            str(tmp_path / "annotations" / "synthpose3d_train.json"),
+            "--pred",
+            str(preds_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     res = json.loads(out.stdout)
     assert res["coco"]["AP"] == pytest.approx(1.0)
     assert res["PCK@0.05"]["mean"] == 1.0
     assert res["3d"]["matched"] == len(full) and res["3d"]["MPJPE"] < 1.0
     assert res["3d"]["PA-MPJPE"] < 1.0
+    # extended joints far off: the overall mean drops, the standard 17 joints' mean does not
+    for p in full:
+        p["keypoints"][17 * 3 :: 3] = [x + 1000 for x in p["keypoints"][17 * 3 :: 3]]
+    r = ev.evaluate_2d(gt_path, full)["PCK@0.1"]
+    assert r["mean_17_standard"] == 1.0 and r["mean"] < 0.9

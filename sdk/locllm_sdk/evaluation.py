@@ -260,10 +260,16 @@ def evaluate_2d(gt: str | Path | dict, preds: str | Path | list,
     m = match_predictions(gt_d, preds_l)
     out["matched"] = int((m["pred_index"] >= 0).sum())
     out["gt_persons"] = len(m["ann_ids"])
+    # with an extended joint list (SynthPose), also the mean over the category's own joints
+    standard = list(gt_d.get("categories", [{}])[0].get("keypoints") or [])
+    std_idx = [i for i, n in enumerate(m["names"]) if n in standard]
     for a in alphas:
         r = pck(m["pred_xy"], m["gt_xy"], m["vis"], m["norm"], a)
         out[f"PCK@{a:g}"] = {"mean": r["mean"], "per_joint": {
             n: (None if np.isnan(v) else float(v)) for n, v in zip(m["names"], r["per_joint"], strict=True)}}
+        if 0 < len(std_idx) < len(m["names"]):
+            s = pck(m["pred_xy"][:, std_idx], m["gt_xy"][:, std_idx], m["vis"][:, std_idx], m["norm"], a)
+            out[f"PCK@{a:g}"][f"mean_{len(std_idx)}_standard"] = s["mean"]
     return out
 
 
