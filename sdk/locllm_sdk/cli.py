@@ -43,14 +43,11 @@ def _print_table(res) -> None:
 def _pose(args):
     """The model of -m (engine dir, or checkpoint: its cached engine unless --backend torch);
     default: the bundled demo model."""
-    from .demo import bundled_model, engine_for
+    from .demo import engine_for, resolve_model
     from .engine import MANIFEST
     from .pose import Pose
 
-    if not args.model or (args.model in ("demo", "demo3d") and not Path(args.model).is_dir()):
-        path = bundled_model(args.model or "demo")
-    else:
-        path = Path(args.model)
+    path = resolve_model(args.model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
     is_checkpoint = (path / "config.json").is_file() and not (path / MANIFEST).is_file()

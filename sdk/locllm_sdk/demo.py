@@ -39,6 +39,14 @@ def bundled_model(name: str = "demo") -> Path:
     return path
 
 
+def resolve_model(model: str | Path | None) -> Path:
+    """-m's value: None, "demo" or "demo3d" name the bundled checkpoints (unless a directory
+    of that name exists here); anything else is a path."""
+    if model is None or (str(model) in ("demo", "demo3d") and not Path(model).is_dir()):
+        return bundled_model(str(model or "demo"))
+    return Path(model)
+
+
 def cache_dir() -> Path:
     if os.environ.get("LOCLLM_CACHE"):
         return Path(os.environ["LOCLLM_CACHE"])
@@ -92,11 +100,7 @@ def run_demo(
     from .evaluation import pck
     from .pose import Pose
 
-    # "demo" / "demo3d" name the bundled checkpoints unless a directory of that name exists
-    if model is None or (str(model) in ("demo", "demo3d") and not Path(model).is_dir()):
-        checkpoint = bundled_model(str(model or "demo"))
-    else:
-        checkpoint = Path(model)
+    checkpoint = resolve_model(model)
     novel = held_out_keypoints(checkpoint)
     pose = Pose(engine_for(checkpoint), backend=backend)
     sample = generate_sample(seed, 0, size, persons, "test")  # the test split: never trained on
