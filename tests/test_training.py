@@ -181,6 +181,13 @@ def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_che
     assert back.config.coord_dims == 3
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    from locllm_export.build import build_onnx_engine
+    from locllm_sdk.demo import checkpoint_digest
+    from locllm_sdk.engine import read_manifest
+
+    manifest = read_manifest(build_onnx_engine(child, tmp_path / "engine").engine_dir)
+    assert manifest["model"]["parent_checkpoint_sha256"] == [ref["sha256"]]
+    engine_key = checkpoint_digest(child)
 
     # the parent changes under it: the child refuses to load instead of mixing weights
     state = load_file(str(parent / "model.safetensors"))
@@ -189,3 +196,5 @@ def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_che
     save_file(state, str(parent / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="parent checkpoint was changed"):
         load_checkpoint(child)
+    # and the engine cache does not serve the engine built on the old parent
+    assert checkpoint_digest(child) != engine_key

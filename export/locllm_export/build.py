@@ -197,6 +197,17 @@ def _weights_sha256(checkpoint: Path) -> str:
     return hashlib.sha256("".join(sha256_file(checkpoint / s) for s in shards).encode()).hexdigest()
 
 
+def _parent_sha256(checkpoint: Path) -> list[str]:
+    """The weight sha256 of each delta parent, nearest first (verified on load); [] for none."""
+    chain = []
+    config = checkpoint / "config.json"
+    while config.is_file() and (ref := json.loads(config.read_text()).get("parent_weights")):
+        chain.append(ref["sha256"])
+        checkpoint = checkpoint / ref["path"]
+        config = checkpoint / "config.json"
+    return chain
+
+
 def build_onnx_engine(
     checkpoint: str | Path,
     output: str | Path,
@@ -274,6 +285,8 @@ def _build_onnx_engine(
             "source_checkpoint": str(source or checkpoint),
             "source_format": source_format,
             "checkpoint_sha256": _weights_sha256(checkpoint),
+            # a delta checkpoint's own file holds only its differences: name what it sits on
+            "parent_checkpoint_sha256": _parent_sha256(checkpoint),
             "coord_dims": cfg.coord_dims,
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,

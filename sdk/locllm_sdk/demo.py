@@ -53,8 +53,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "locllm"
 
 
-def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
-    """The checkpoint's ONNX engine, built once per checkpoint content and cached."""
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """Content key of a checkpoint, its delta parents' content included: a delta checkpoint
+    whose parent was replaced must not be served the engine built from the old parent."""
     checkpoint = Path(checkpoint)
     digest = hashlib.sha256()
     for f in sorted(p for p in checkpoint.iterdir() if p.is_file()):
@@ -64,7 +65,17 @@ def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
             digest.update(f.read_bytes())
         else:
             digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    engine = cache_dir() / "engines" / f"{checkpoint.name}-{digest.hexdigest()[:16]}"
+    config = checkpoint / "config.json"
+    parent = json.loads(config.read_text()).get("parent_weights") if config.is_file() else None
+    if parent:
+        digest.update(checkpoint_digest(checkpoint / parent["path"]).encode())
+    return digest.hexdigest()
+
+
+def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
+    """The checkpoint's ONNX engine, built once per checkpoint content and cached."""
+    checkpoint = Path(checkpoint)
+    engine = cache_dir() / "engines" / f"{checkpoint.name}-{checkpoint_digest(checkpoint)[:16]}"
     if (engine / MANIFEST).is_file() and not rebuild:
         read_manifest(engine)  # verifies checksums: a damaged cache is an error, not a wrong answer
         return engine
