@@ -14,9 +14,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_throughput_smoke(tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "tiny", "--teach-format", "40",
-         "--reps", "1", "--warmup", "0", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--preset",
+            "tiny",
+            "--teach-format",
+            "40",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     result = json.loads((out / "throughput_tiny.json").read_text())

@@ -128,13 +128,42 @@ def test_parity_accuracy_on_ground_truth(trained, tmp_path):
     """--gt: PCK/AP of each backend and of the torch reference, side by side, on SynthPose."""
     ckpt, engine = trained[2]
     data = tmp_path / "synth"
-    subprocess.run([sys.executable, str(ROOT / "training" / "make_synthpose.py"), "--output", str(data), "--images",
-                    "3", "--split", "val", "--seed", "5"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "training" / "make_synthpose.py"),
+            "--output",
+            str(data),
+            "--images",
+            "3",
+            "--split",
+            "val",
+            "--seed",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
+    )
     gt = data / "annotations" / "person_keypoints_val.json"
     out = tmp_path / "parity.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--checkpoint", str(ckpt),
-                          "--engine", str(engine), "--images", "3", "--gt", str(gt), "--json", str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "parity.py"),
+            "--checkpoint",
+            str(ckpt),
+            "--engine",
+            str(engine),
+            "--images",
+            "3",
+            "--gt",
+            str(gt),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads(out.read_text())
     ort = next(r for r in rows if r["backend"] == "onnxruntime")

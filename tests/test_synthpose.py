@@ -18,8 +18,7 @@ ROOT_DIR = Path(__file__).resolve().parents[1]
 def _make(tmp: Path, n: int = 4, extra: list[str] | None = None) -> Path:
     from make_synthpose import main  # training/ is on sys.path via locllm_training's parent
 
-    assert main(["--output", str(tmp), "--images", str(n), "--seed", "3", "--size", "128",
-                 *(extra or [])]) == 0
+    assert main(["--output", str(tmp), "--images", str(n), "--seed", "3", "--size", "128", *(extra or [])]) == 0
     return tmp
 
 
@@ -59,7 +58,7 @@ def test_visible_keypoints_on_their_person() -> None:
         for p in s.persons:
             for k in np.nonzero(p.vis == 2)[0]:
                 x, y = np.round(p.joints_2d[k]).astype(int)
-                nb = slots[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+                nb = slots[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
                 assert (nb == p.slot).any(), (i, JOINT_NAMES[k])
                 checked += 1
             # v = 0 exactly when the joint projects outside the image
@@ -101,8 +100,7 @@ def test_left_right_and_face_from_the_front() -> None:
     assert uv[J["left eye"], 0] > uv[J["right eye"], 0]
     img = np.full((256, 256, 3), 128, np.uint8)
     lab = np.zeros((256, 256), np.uint16)
-    render_person(Painter(img, lab, cam, np.array([0.0, -0.6, -0.8])), skel, shape,
-                  sample_appearance(rng), 1)
+    render_person(Painter(img, lab, cam, np.array([0.0, -0.6, -0.8])), skel, shape, sample_appearance(rng), 1)
     x, y = np.round(uv[J["nose"]]).astype(int)
     assert lab[y, x] // PART_BITS == 1
     # from behind the same person shows hair where the face was

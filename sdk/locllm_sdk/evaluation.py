@@ -40,10 +40,36 @@ COCO17_NAMES = [
     "left elbow", "right elbow", "left wrist", "right wrist", "left hip", "right hip",
     "left knee", "right knee", "left ankle", "right ankle",
 ]  # fmt: skip
-COCO_SIGMAS = np.array([0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072,
-                        0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089])
-EXTRA_SIGMAS = {"neck": 0.107, "thorax": 0.107, "pelvis": 0.107, "torso": 0.107,
-                "head_top": 0.089, "left toe": 0.089, "right toe": 0.089}
+COCO_SIGMAS = np.array(
+    [
+        0.026,
+        0.025,
+        0.025,
+        0.035,
+        0.035,
+        0.079,
+        0.079,
+        0.072,
+        0.072,
+        0.062,
+        0.062,
+        0.107,
+        0.107,
+        0.087,
+        0.087,
+        0.089,
+        0.089,
+    ]
+)
+EXTRA_SIGMAS = {
+    "neck": 0.107,
+    "thorax": 0.107,
+    "pelvis": 0.107,
+    "torso": 0.107,
+    "head_top": 0.089,
+    "left toe": 0.089,
+    "right toe": 0.089,
+}
 DEFAULT_SIGMA = 0.107
 SIGMAS: dict[str, float] = dict(zip(COCO17_NAMES, COCO_SIGMAS.tolist(), strict=True)) | EXTRA_SIGMAS
 
@@ -59,8 +85,7 @@ def sigmas_for(names: Sequence[str]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- helpers
-def pck(pred_xy: np.ndarray, gt_xy: np.ndarray, visible: np.ndarray, norm: np.ndarray,
-        alpha: float) -> dict[str, Any]:
+def pck(pred_xy: np.ndarray, gt_xy: np.ndarray, visible: np.ndarray, norm: np.ndarray, alpha: float) -> dict[str, Any]:
     """PCK: fraction of valid joints with ||pred - gt|| <= alpha * norm[n].
 
     pred_xy, gt_xy: [N, K, 2]; visible: [N, K] (bool or COCO v, > 0 counts); norm: [N]
@@ -79,8 +104,7 @@ def pck(pred_xy: np.ndarray, gt_xy: np.ndarray, visible: np.ndarray, norm: np.nd
     return {"per_joint": per, "mean": mean, "count": cnt}
 
 
-def mpjpe(pred: np.ndarray, gt: np.ndarray, root_index: int | None = None,
-          valid: np.ndarray | None = None) -> float:
+def mpjpe(pred: np.ndarray, gt: np.ndarray, root_index: int | None = None, valid: np.ndarray | None = None) -> float:
     """Mean per-joint position error (same units as the input, e.g. mm).
 
     pred, gt: [N, K, 3]. root_index: subtract that joint from both first (root-relative).
@@ -88,8 +112,8 @@ def mpjpe(pred: np.ndarray, gt: np.ndarray, root_index: int | None = None,
     """
     pred, gt = np.asarray(pred, float), np.asarray(gt, float)
     if root_index is not None:
-        pred = pred - pred[:, root_index:root_index + 1]
-        gt = gt - gt[:, root_index:root_index + 1]
+        pred = pred - pred[:, root_index : root_index + 1]
+        gt = gt - gt[:, root_index : root_index + 1]
     e = np.linalg.norm(pred - gt, axis=-1)
     if valid is not None:
         return float(e[np.asarray(valid) > 0].mean())
@@ -118,8 +142,7 @@ def pa_mpjpe(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) 
     return mpjpe(procrustes_align(pred, gt), gt, valid=valid)
 
 
-def oks_matrix(pred_kpts: np.ndarray, gt_kpts: np.ndarray, gt_areas: np.ndarray,
-               sigmas: np.ndarray) -> np.ndarray:
+def oks_matrix(pred_kpts: np.ndarray, gt_kpts: np.ndarray, gt_areas: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     """COCO OKS between predictions [P, K, 2+] and GT [G, K, 3] (only GT v > 0 joints)."""
     out = np.zeros((len(pred_kpts), len(gt_kpts)))
     var = (2 * sigmas) ** 2
@@ -150,8 +173,10 @@ def _keypoint_names(gt: dict, k: int) -> tuple[list[str], str]:
         return list(cat["keypoint_names_ext"]), "keypoints_ext"
     if k == 17:
         return list(COCO17_NAMES), "keypoints"
-    raise ValueError(f"predictions have {k} keypoints; the GT category has "
-                     f"{len(cat.get('keypoints', []))} (and {len(cat.get('keypoint_names_ext', []))} ext)")
+    raise ValueError(
+        f"predictions have {k} keypoints; the GT category has "
+        f"{len(cat.get('keypoints', []))} (and {len(cat.get('keypoint_names_ext', []))} ext)"
+    )
 
 
 def _gt_view(gt: dict, field: str) -> dict:
@@ -167,8 +192,11 @@ def _gt_view(gt: dict, field: str) -> dict:
     return g
 
 
-def coco_ap(gt: str | Path | dict, preds: str | Path | list, sigmas: np.ndarray | None = None,
-            ) -> dict[str, float]:
+def coco_ap(
+    gt: str | Path | dict,
+    preds: str | Path | list,
+    sigmas: np.ndarray | None = None,
+) -> dict[str, float]:
     """COCO keypoint AP/AR via pycocotools. Predictions with 22 joints are scored against
     SynthPose's ``keypoints_ext``. Returns AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl."""
     from pycocotools.coco import COCO  # lazy: optional dependency
@@ -188,8 +216,9 @@ def coco_ap(gt: str | Path | dict, preds: str | Path | list, sigmas: np.ndarray 
         coco = COCO()
         coco.dataset = copy.deepcopy(gt_d)
         coco.createIndex()
-        dets = coco.loadRes([{kk: v for kk, v in p.items() if kk in
-                              ("image_id", "category_id", "keypoints", "score")} for p in preds_l])
+        dets = coco.loadRes(
+            [{kk: v for kk, v in p.items() if kk in ("image_id", "category_id", "keypoints", "score")} for p in preds_l]
+        )
         ev = COCOeval(coco, dets, "keypoints")
         ev.params.kpt_oks_sigmas = np.asarray(sigmas, float)
         ev.evaluate()
@@ -198,8 +227,9 @@ def coco_ap(gt: str | Path | dict, preds: str | Path | list, sigmas: np.ndarray 
     return {key: float(v) for key, v in zip(keys, ev.stats, strict=True)}
 
 
-def match_predictions(gt: dict, preds: list[dict], sigmas: np.ndarray | None = None,
-                      field: str | None = None) -> dict[str, Any]:
+def match_predictions(
+    gt: dict, preds: list[dict], sigmas: np.ndarray | None = None, field: str | None = None
+) -> dict[str, Any]:
     """Pair predictions with GT persons (by ``ann_id`` or greedy best OKS, see module doc).
 
     Returns arrays over all GT persons with v > 0 joints: gt_xy [N,K,2], vis [N,K],
@@ -248,12 +278,20 @@ def match_predictions(gt: dict, preds: list[dict], sigmas: np.ndarray | None = N
         if j >= 0:
             pred_xy[r] = np.asarray(preds[j]["keypoints"], float).reshape(-1, 3)[:, :2]
     norm = np.array([max(a["bbox"][2], a["bbox"][3]) for a in anns], float)
-    return {"gt_xy": gk[:, :, :2], "vis": gk[:, :, 2], "pred_xy": pred_xy, "norm": norm,
-            "ann_ids": [a["id"] for a in anns], "pred_index": pidx, "names": names}
+    return {
+        "gt_xy": gk[:, :, :2],
+        "vis": gk[:, :, 2],
+        "pred_xy": pred_xy,
+        "norm": norm,
+        "ann_ids": [a["id"] for a in anns],
+        "pred_index": pidx,
+        "names": names,
+    }
 
 
-def evaluate_2d(gt: str | Path | dict, preds: str | Path | list,
-                alphas: Sequence[float] = (0.05, 0.1)) -> dict[str, Any]:
+def evaluate_2d(
+    gt: str | Path | dict, preds: str | Path | list, alphas: Sequence[float] = (0.05, 0.1)
+) -> dict[str, Any]:
     """COCO AP/AR + PCK@alphas (per joint and mean) for a COCO GT file and results list."""
     gt_d, preds_l = load_json(gt), load_json(preds)
     out: dict[str, Any] = {"coco": coco_ap(gt_d, preds_l)}
@@ -265,8 +303,12 @@ def evaluate_2d(gt: str | Path | dict, preds: str | Path | list,
     std_idx = [i for i, n in enumerate(m["names"]) if n in standard]
     for a in alphas:
         r = pck(m["pred_xy"], m["gt_xy"], m["vis"], m["norm"], a)
-        out[f"PCK@{a:g}"] = {"mean": r["mean"], "per_joint": {
-            n: (None if np.isnan(v) else float(v)) for n, v in zip(m["names"], r["per_joint"], strict=True)}}
+        out[f"PCK@{a:g}"] = {
+            "mean": r["mean"],
+            "per_joint": {
+                n: (None if np.isnan(v) else float(v)) for n, v in zip(m["names"], r["per_joint"], strict=True)
+            },
+        }
         if 0 < len(std_idx) < len(m["names"]):
             s = pck(m["pred_xy"][:, std_idx], m["gt_xy"][:, std_idx], m["vis"][:, std_idx], m["norm"], a)
             out[f"PCK@{a:g}"][f"mean_{len(std_idx)}_standard"] = s["mean"]
@@ -277,8 +319,9 @@ def evaluate_2d(gt: str | Path | dict, preds: str | Path | list,
 _3D_KEYS = ("joints_cam_mm", "joints_cam", "keypoints_cam", "joint_cam", "keypoints_3d")
 
 
-def lift_to_camera(uv: np.ndarray, z_norm: np.ndarray, root_depth_mm: float, K: np.ndarray,
-                   depth_range_mm: float = 2000.0) -> np.ndarray:
+def lift_to_camera(
+    uv: np.ndarray, z_norm: np.ndarray, root_depth_mm: float, K: np.ndarray, depth_range_mm: float = 2000.0
+) -> np.ndarray:
     """Back-project pixels + LocLLM root-relative depth (0.zzzzzz) to camera-space mm."""
     z = (np.asarray(z_norm, float) - 0.5) * depth_range_mm + root_depth_mm
     uv = np.asarray(uv, float)
@@ -287,8 +330,11 @@ def lift_to_camera(uv: np.ndarray, z_norm: np.ndarray, root_depth_mm: float, K: 
     return np.stack([x, y, z], 1)
 
 
-def evaluate_3d(gt3d: str | Path | dict, preds: str | Path | list, root_index: int | None = None,
-                ) -> dict[str, Any]:
+def evaluate_3d(
+    gt3d: str | Path | dict,
+    preds: str | Path | list,
+    root_index: int | None = None,
+) -> dict[str, Any]:
     """MPJPE / PA-MPJPE (mm) for a 3D companion (or any JSON whose annotations carry one of
     joints_cam_mm / joints_cam / keypoints_cam / joint_cam / keypoints_3d, [K,3] or flat).
 
@@ -324,8 +370,10 @@ def evaluate_3d(gt3d: str | Path | dict, preds: str | Path | list, root_index: i
                 continue
             if len(cands) > 1 and "keypoints" in p and all("joints_2d" in c for c in cands):
                 uv = np.asarray(p["keypoints"], float).reshape(-1, 3)[:, :2]
-                a = min(cands, key=lambda c: float(np.nanmean(np.linalg.norm(
-                    np.asarray(c["joints_2d"], float) - uv, axis=1))))
+                a = min(
+                    cands,
+                    key=lambda c: float(np.nanmean(np.linalg.norm(np.asarray(c["joints_2d"], float) - uv, axis=1))),
+                )
             else:
                 a = cands[0]
         used.add(a["id"])
@@ -342,8 +390,12 @@ def evaluate_3d(gt3d: str | Path | dict, preds: str | Path | list, root_index: i
     if not P:
         return {"matched": 0, "gt_persons": len(anns), "MPJPE": float("nan"), "PA-MPJPE": float("nan")}
     Pa, Ga = np.stack(P), np.stack(G)
-    return {"matched": len(P), "gt_persons": len(anns),
-            "MPJPE": mpjpe(Pa, Ga, root_index=root_index), "PA-MPJPE": pa_mpjpe(Pa, Ga)}
+    return {
+        "matched": len(P),
+        "gt_persons": len(anns),
+        "MPJPE": mpjpe(Pa, Ga, root_index=root_index),
+        "PA-MPJPE": pa_mpjpe(Pa, Ga),
+    }
 
 
 # ----------------------------------------------------------------------------- MPII lists
@@ -361,8 +413,20 @@ def mpii_list_to_coco(items: list[dict], names: Sequence[str] | None = None) -> 
         side = 200.0 * float(it.get("scale", 1.0))
         cx, cy = it.get("center", j.mean(0))
         kp = np.concatenate([j, (v > 0)[:, None] * 2.0], 1).reshape(-1).tolist()
-        anns.append({"id": i + 1, "image_id": img_id, "category_id": 1, "iscrowd": 0,
-                     "bbox": [cx - side / 2, cy - side / 2, side, side], "area": side * side,
-                     "keypoints": kp, "num_keypoints": int((v > 0).sum())})
-    return {"images": [{"id": v, "file_name": k_} for k_, v in images.items()],
-            "annotations": anns, "categories": [{"id": 1, "name": "person", "keypoints": names}]}
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": img_id,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [cx - side / 2, cy - side / 2, side, side],
+                "area": side * side,
+                "keypoints": kp,
+                "num_keypoints": int((v > 0).sum()),
+            }
+        )
+    return {
+        "images": [{"id": v, "file_name": k_} for k_, v in images.items()],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "person", "keypoints": names}],
+    }
