@@ -9,6 +9,8 @@
   logits-where-needed  + the vocabulary projection only at the positions that are read
   cascade-attention    + the prefix KV never copied: one per crop, read by all its rows in
                        one matmul; row caches hold only suffix and answer tokens
+  common-head          + the tokens every round starts with ("Keypoint: The") prefilled once
+                       per crop with the prefix instead of once per row
   sdk                  + jump-forward constrained decoding (6 passes instead of 13)
 Every rung returns the answers it decoded, so the ladder also shows which rungs change them
 (only the last may: greedy vs constrained digits).
@@ -17,7 +19,7 @@ Every rung returns the answers it decoded, so the ladder also shows which rungs 
 from __future__ import annotations
 
 import numpy as np
-from locllm_sdk.decoding import constrained_decode, free_decode, prefill_prefix
+from locllm_sdk.decoding import constrained_decode, free_decode, prefill_prefix, split_common_head
 from locllm_sdk.protocol import max_softmax, parse_answer
 
 RUNGS = (
@@ -27,6 +29,7 @@ RUNGS = (
     "shared-prefix",
     "logits-where-needed",
     "cascade-attention",
+    "common-head",
     "sdk",
 )
 
@@ -124,8 +127,14 @@ def run_rung(rung: str, pose, pixels: np.ndarray, requests) -> list[str]:
             shared=rung == "cascade-attention",
         )
         return [a.text for a in answers]
-    if rung == "sdk":
-        answers, _ = constrained_decode(backend, cache, len(spec.prefix_ids), rows, suffixes, spec.grammar, tok)
+    head, tails = split_common_head(suffixes)
+    prefix_ids = list(spec.prefix_ids) + head
+    cache = prefill_prefix(backend, prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
+    if rung == "common-head":
+        answers, _ = free_decode(backend, cache, len(prefix_ids), rows, tails, rows, max_new, spec.grammar.dims, tok)
+        return [a.text for a in answers]
+    if rung == "sdk":  # what Pose.locate runs
+        answers, _ = constrained_decode(backend, cache, len(prefix_ids), rows, tails, spec.grammar, tok)
         return [a.text for a in answers]
     raise ValueError(f"unknown rung {rung!r}")
 

@@ -305,9 +305,12 @@ def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict
 def extra_keypoint_flop_fraction(manifest: dict, pose) -> float:
     """FLOPs of one more keypoint / FLOPs of one keypoint alone: the fraction the latency
     ratio would show if every FLOP ran at the same speed (the floor of that ratio)."""
+    from locllm_sdk.decoding import split_common_head
+
     req = keypoint_requests(pose.library, 17)
-    suffix = int(np.mean([len(pose.spec.tokenizer.round_ids(r.name, r.description)) for r in req]))
-    prefix, passes = len(pose.spec.prefix_ids), 6 if pose.spec.coord_dims == 2 else 12
+    head, tails = split_common_head([pose.spec.tokenizer.round_ids(r.name, r.description) for r in req])
+    suffix = int(np.mean([len(t) for t in tails]))  # the common head is prefilled with the prefix
+    prefix, passes = len(pose.spec.prefix_ids) + len(head), 6 if pose.spec.coord_dims == 2 else 12
     one = person_flops(manifest, prefix, suffix, 1, passes, len(pose.spec.grammar.slots))
     two = person_flops(manifest, prefix, suffix, 2, passes, len(pose.spec.grammar.slots))
     return (two - one) / one

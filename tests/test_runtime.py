@@ -238,7 +238,7 @@ def test_chunked_decoding_gives_the_same_answers(trained, decoding):
     rng = np.random.default_rng(9)
     img = images(1, seed=60)[0]
     boxes = boxes_for(img, rng, 3)
-    assert len(chunked._row_chunks(3, len(KEYPOINTS), 60)) > 2
+    assert len(chunked._row_chunks(3, len(KEYPOINTS), 60, len(chunked.spec.prefix_ids))) > 2
     a, b = whole.locate(img, KEYPOINTS, boxes), chunked.locate(img, KEYPOINTS, boxes)
     assert [[k.answer for k in p] for p in a] == [[k.answer for k in p] for p in b]
     assert np.allclose(a.numpy(), b.numpy(), atol=1e-5)
@@ -287,10 +287,57 @@ def test_cascade_attention_matches_copied_prefix(trained, dims):
     assert len({x.text for x in a}) >= 2  # not a vacuous comparison
 
 
+def test_split_common_head():
+    from locllm_sdk.decoding import split_common_head
+
+    assert split_common_head([[1, 2, 3, 9], [1, 2, 4]]) == ([1, 2], [[3, 9], [4]])
+    assert split_common_head([[1, 2], [1, 2]]) == ([1], [[2], [2]])  # a tail keeps one token
+    assert split_common_head([[5, 6, 7]]) == ([5, 6], [[7]])
+    assert split_common_head([[1, 2], [3, 2]]) == ([], [[1, 2], [3, 2]])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_common_head_in_the_prefix_gives_the_same_answers(trained, dims):
+    """Prefilling the rounds' common first tokens once per crop with the prefix (as Pose
+    does) answers exactly as feeding every row its whole round."""
+    from locllm_sdk import crop as cropping
+    from locllm_sdk.decoding import constrained_decode, free_decode, prefill_prefix, split_common_head
+
+    _, engine = trained[dims]
+    pose = Pose(engine)
+    backend, spec, tok = pose.backend, pose.spec, pose.spec.tokenizer
+    img = images(1, seed=80 + dims)[0]
+    geoms = [
+        cropping.crop_geometry(b, img.shape[:2], spec.image_size) for b in boxes_for(img, np.random.default_rng(0), 2)
+    ]
+    pixels = cropping.normalize(np.stack([cropping.warp(img, g) for g in geoms]), spec.norm_mean, spec.norm_std)
+    image_tokens = backend.encode_images(pixels)
+    reqs = pose.library.resolve(KEYPOINTS)
+    whole = [tok.round_ids(r.name, r.description) for r in reqs]
+    head, tails = split_common_head(whole)
+    assert len(head) >= 3  # "Keypoint: The" at least
+    crop_of_row = np.repeat([0, 1], len(reqs))
+    plain = prefill_prefix(backend, spec.prefix_ids, tok.spec.im_patch_id, image_tokens)
+    folded = prefill_prefix(backend, list(spec.prefix_ids) + head, tok.spec.im_patch_id, image_tokens)
+    a, _ = constrained_decode(backend, plain, len(spec.prefix_ids), crop_of_row, whole * 2, spec.grammar, tok)
+    b, _ = constrained_decode(
+        backend, folded, len(spec.prefix_ids) + len(head), crop_of_row, tails * 2, spec.grammar, tok
+    )
+    assert [x.text for x in a] == [x.text for x in b]
+    assert np.allclose([x.score for x in a], [x.score for x in b], atol=1e-5)
+    assert len({x.text for x in a}) >= 3  # not a vacuous comparison
+    n_new = 13 if dims == 2 else 22
+    f1, _ = free_decode(backend, plain, len(spec.prefix_ids), crop_of_row, whole * 2, crop_of_row, n_new, dims, tok)
+    f2, _ = free_decode(
+        backend, folded, len(spec.prefix_ids) + len(head), crop_of_row, tails * 2, crop_of_row, n_new, dims, tok
+    )
+    assert [x.text for x in f1] == [x.text for x in f2]
+
+
 def test_kv_budget_counts_only_row_tokens_with_cascade(trained):
     _, engine = trained[2]
     pose = Pose(engine, kv_budget_mb=0.3)
-    chunks = pose._row_chunks(4, len(KEYPOINTS), 60)
+    chunks = pose._row_chunks(4, len(KEYPOINTS), 60, len(pose.spec.prefix_ids))
     # whole persons per chunk; per-row bytes exclude the (shared) prefix
     assert all(len(c) % len(KEYPOINTS) == 0 for c in chunks)
     per_row = pose.spec.kv_bytes_per_token * (60 + len(pose.spec.grammar.slots))

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import crop as cropping
 from .backends.base import Backend
-from .decoding import DecodeStats, constrained_decode, free_decode, prefill_prefix
+from .decoding import DecodeStats, constrained_decode, free_decode, prefill_prefix, split_common_head
 from .descriptions import DescriptionLibrary
 from .engine import MANIFEST, EngineError, files_of_backend, read_manifest, verify_files
 from .protocol import MAX_NEW_TOKENS, PROTOCOL_VERSION, AnswerGrammar, PromptTokenizer, build_grammar, unit_to_depth
@@ -258,18 +258,22 @@ class Pose:
         if hasattr(self.backend, "locate_rows"):  # whole-request engines (tensorrt) schedule themselves
             answers, stats = self.backend.locate_rows(image_tokens, crop_of_row, suffixes, self.decoding)
             return np.array([a.values for a in answers], dtype=np.float64), answers, stats
-        prefix_cache = prefill_prefix(self.backend, spec.prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
+        # The rounds' common first tokens join the prefix: computed once per crop, not per row.
+        head, suffix = split_common_head(suffix)
+        suffixes = suffix * n_crops
+        prefix_ids = list(spec.prefix_ids) + head
+        prefix_cache = prefill_prefix(self.backend, prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
         # Rows are decoded in chunks that bound the KV cache (the rows' own tokens, plus a copy
         # of the prefix per row without cascade attention), whole persons per chunk where they
         # fit (cascade attention wants equal runs per crop; free decoding's stop rule too).
         answers, stats = [], None
-        for rows in self._row_chunks(n_crops, k, max(map(len, suffix))):
+        for rows in self._row_chunks(n_crops, k, max(map(len, suffix)), len(prefix_ids)):
             sub = [suffixes[i] for i in rows]
             if self.decoding == "constrained":
                 part, stats = constrained_decode(
                     self.backend,
                     prefix_cache,
-                    len(spec.prefix_ids),
+                    len(prefix_ids),
                     crop_of_row[rows],
                     sub,
                     spec.grammar,
@@ -279,7 +283,7 @@ class Pose:
                 part, stats = free_decode(
                     self.backend,
                     prefix_cache,
-                    len(spec.prefix_ids),
+                    len(prefix_ids),
                     crop_of_row[rows],
                     sub,
                     crop_of_row[rows],
@@ -291,11 +295,11 @@ class Pose:
         values = np.array([a.values for a in answers], dtype=np.float64)
         return values, answers, stats
 
-    def _row_chunks(self, n_crops: int, k: int, max_suffix: int) -> list[np.ndarray]:
+    def _row_chunks(self, n_crops: int, k: int, max_suffix: int, prefix_len: int) -> list[np.ndarray]:
         """Row index chunks whose KV cache fits ``kv_budget_mb``."""
         tokens = max_suffix + len(self.spec.grammar.slots)
         if not self.backend.supports_shared_prefix:
-            tokens += len(self.spec.prefix_ids)
+            tokens += prefix_len
         per_row = max(1, self.spec.kv_bytes_per_token * tokens)
         max_rows = max(1, int(self.kv_budget_mb * 2**20 // per_row))
         n = n_crops * k
