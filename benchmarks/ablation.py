@@ -106,8 +106,19 @@ def run_rung(rung: str, pose, pixels: np.ndarray, requests) -> list[str]:
         finally:
             backend.encode_images = original
     suffixes = [tok.round_ids(r.name, r.description) for r in requests]
-    cache = prefill_prefix(backend, spec.prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
     rows = np.zeros(k, np.int64)
+    if rung in ("common-head", "sdk"):  # the rounds' common first tokens go with the prefix
+        head, tails = split_common_head(suffixes)
+        prefix_ids = list(spec.prefix_ids) + head
+        cache = prefill_prefix(backend, prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
+        if rung == "common-head":
+            answers, _ = free_decode(
+                backend, cache, len(prefix_ids), rows, tails, rows, max_new, spec.grammar.dims, tok
+            )
+        else:  # what Pose.locate runs
+            answers, _ = constrained_decode(backend, cache, len(prefix_ids), rows, tails, spec.grammar, tok)
+        return [a.text for a in answers]
+    cache = prefill_prefix(backend, spec.prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
     if rung == "shared-prefix":
         # suffix prefill with logits at every suffix position (as a plain forward computes them)
         return _shared_prefix_free(backend, spec, cache, suffixes, max_new)
@@ -126,15 +137,6 @@ def run_rung(rung: str, pose, pixels: np.ndarray, requests) -> list[str]:
             tok,
             shared=rung == "cascade-attention",
         )
-        return [a.text for a in answers]
-    head, tails = split_common_head(suffixes)
-    prefix_ids = list(spec.prefix_ids) + head
-    cache = prefill_prefix(backend, prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
-    if rung == "common-head":
-        answers, _ = free_decode(backend, cache, len(prefix_ids), rows, tails, rows, max_new, spec.grammar.dims, tok)
-        return [a.text for a in answers]
-    if rung == "sdk":  # what Pose.locate runs
-        answers, _ = constrained_decode(backend, cache, len(prefix_ids), rows, tails, spec.grammar, tok)
         return [a.text for a in answers]
     raise ValueError(f"unknown rung {rung!r}")
 
