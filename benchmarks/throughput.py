@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gflops = matmul_peak_gflops()
     passes = outputs["sdk-ort"].info["decoder_passes"] if "sdk-ort" in outputs else None
-    from locllm_sdk.decoding import split_common_head
-
-    head, tails = split_common_head([ort_pose.spec.tokenizer.round_ids(r.name, r.description) for r in requests])
-    prefix_len = len(ort_pose.spec.prefix_ids) + len(head)  # Pose prefills the common head with the prefix
-    suffix_len = int(np.mean([len(t) for t in tails]))
+    prefix_len, suffix_len = served_token_counts(ort_pose, requests)
     flops = person_flops(manifest, prefix_len, suffix_len, len(requests), passes or 6, 6)
     k = len(requests)
     rows = []
@@ -221,16 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     # reference's tokens (constrained answers can only equal well-formed greedy ones)
     greedy_agreement = None
     if "reference" in outputs:
-        free_pose = Pose(engine, backend="onnxruntime", decoding="free", threads=args.threads)
-        free_res = free_pose.locate(img, {r.name: r.description for r in requests}, [box])
         ref_answers = [a.text for a in outputs["reference"]]
+        ort_pose.decoding = "free"  # the loaded engine, greedy (a second Pose would inflate peak RSS)
+        try:
+            free_res = ort_pose.locate(img, {r.name: r.description for r in requests}, [box])
+        finally:
+            ort_pose.decoding = "constrained"
         greedy_agreement = sum(a == kp.answer for a, kp in zip(ref_answers, free_res[0])) / k
-        if agreement is not None:
-            complete = [i for i, a in enumerate(outputs["reference"]) if a.complete]
-            print(
-                f"reference answers complete (all numbers): {len(complete)}/{k}; constrained == reference on them: "
-                f"{sum(ref_answers[i] == sdk_answers[i] for i in complete)}/{len(complete)}"
-            )
+    if agreement is not None:
+        complete = [i for i, a in enumerate(outputs["reference"]) if a.complete]
+        print(
+            f"reference answers complete (all numbers): {len(complete)}/{k}; constrained == reference on them: "
+            f"{sum(ref_answers[i] == sdk_answers[i] for i in complete)}/{len(complete)}"
+        )
     result = {
         "model": label,
         "parameters": manifest["model"]["parameters"],
@@ -324,15 +323,20 @@ def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict
     return rows
 
 
+def served_token_counts(pose, requests) -> tuple[int, int]:
+    """(prefix tokens, mean suffix tokens) as ``Pose`` feeds them: the rounds' common head
+    is prefilled with the prefix."""
+    from locllm_sdk.decoding import split_common_head
+
+    head, tails = split_common_head([pose.spec.tokenizer.round_ids(r.name, r.description) for r in requests])
+    return len(pose.spec.prefix_ids) + len(head), int(np.mean([len(t) for t in tails]))
+
+
 def extra_keypoint_flop_fraction(manifest: dict, pose) -> float:
     """FLOPs of one more keypoint / FLOPs of one keypoint alone: the fraction the latency
     ratio would show if every FLOP ran at the same speed (the floor of that ratio)."""
-    from locllm_sdk.decoding import split_common_head
-
-    req = keypoint_requests(pose.library, 17)
-    head, tails = split_common_head([pose.spec.tokenizer.round_ids(r.name, r.description) for r in req])
-    suffix = int(np.mean([len(t) for t in tails]))  # the common head is prefilled with the prefix
-    prefix, passes = len(pose.spec.prefix_ids) + len(head), 6 if pose.spec.coord_dims == 2 else 12
+    prefix, suffix = served_token_counts(pose, keypoint_requests(pose.library, 17))
+    passes = 6 if pose.spec.coord_dims == 2 else 12
     one = person_flops(manifest, prefix, suffix, 1, passes, len(pose.spec.grammar.slots))
     two = person_flops(manifest, prefix, suffix, 2, passes, len(pose.spec.grammar.slots))
     return (two - one) / one

@@ -40,36 +40,10 @@ COCO17_NAMES = [
     "left elbow", "right elbow", "left wrist", "right wrist", "left hip", "right hip",
     "left knee", "right knee", "left ankle", "right ankle",
 ]  # fmt: skip
-COCO_SIGMAS = np.array(
-    [
-        0.026,
-        0.025,
-        0.025,
-        0.035,
-        0.035,
-        0.079,
-        0.079,
-        0.072,
-        0.072,
-        0.062,
-        0.062,
-        0.107,
-        0.107,
-        0.087,
-        0.087,
-        0.089,
-        0.089,
-    ]
-)
-EXTRA_SIGMAS = {
-    "neck": 0.107,
-    "thorax": 0.107,
-    "pelvis": 0.107,
-    "torso": 0.107,
-    "head_top": 0.089,
-    "left toe": 0.089,
-    "right toe": 0.089,
-}
+COCO_SIGMAS = np.array([0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072,
+                        0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089])  # fmt: skip
+EXTRA_SIGMAS = {"neck": 0.107, "thorax": 0.107, "pelvis": 0.107, "torso": 0.107,
+                "head_top": 0.089, "left toe": 0.089, "right toe": 0.089}  # fmt: skip
 DEFAULT_SIGMA = 0.107
 SIGMAS: dict[str, float] = dict(zip(COCO17_NAMES, COCO_SIGMAS.tolist(), strict=True)) | EXTRA_SIGMAS
 

@@ -254,9 +254,8 @@ class Pose:
         suffix = [spec.tokenizer.round_ids(r.name, r.description) for r in requests]
         n_crops, k = pixels.shape[0], len(requests)
         crop_of_row = np.repeat(np.arange(n_crops), k)
-        suffixes = suffix * n_crops
         if hasattr(self.backend, "locate_rows"):  # whole-request engines (tensorrt) schedule themselves
-            answers, stats = self.backend.locate_rows(image_tokens, crop_of_row, suffixes, self.decoding)
+            answers, stats = self.backend.locate_rows(image_tokens, crop_of_row, suffix * n_crops, self.decoding)
             return np.array([a.values for a in answers], dtype=np.float64), answers, stats
         # The rounds' common first tokens join the prefix: computed once per crop, not per row.
         head, suffix = split_common_head(suffix)
