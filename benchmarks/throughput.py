@@ -60,21 +60,31 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return statistics.median(rates)
 
 
-def person_flops(manifest: dict, prefix_len: int, suffix_len: int, k: int, passes: int, new_tokens: int) -> float:
-    """FLOPs of the SDK for one person: ViT once, prefix once, K suffixes, K x passes
-    single/few-token steps; linear layers 2*params*tokens plus attention 4*T*ctx*H per layer."""
+def person_flops(manifest: dict, prefix_len: int, tails: list[int], answer_tokens: int, logits_per_row: int) -> float:
+    """Useful FLOPs of the SDK for one person: the ViT once, the prefix once, each row's
+    tail (its suffix after the common head) plus the ``answer_tokens`` it is fed, and the
+    vocabulary projection at ``logits_per_row`` positions per row (pads not counted).
+    Linear layers 2*params*tokens, attention 4*hidden*queries*keys per layer."""
     m = manifest["model"]
     h, layers, v = m["hidden_size"], m["num_layers"], m["vocab_size"]
     vh, vl = m["vision_hidden_size"], m["vision_layers"]
-    vit_params = vl * 12 * vh * vh + vh * h  # ViT blocks + projector
-    layer_params = (m["parameters"] - vit_params - 2 * v * h) / max(layers, 1)  # rough: untied embeddings
+    vit_params = vl * 12 * vh * vh + vh * h  # ViT blocks (MLP ratio 4) + linear projector
+    lm_params = m["parameters"] - vit_params - 2 * v * h  # decoder layers (untied embeddings + head)
     vit_tokens = m["num_patches"] + 1
-    vit = vl * (2 * 12 * vh * vh * vit_tokens + 4 * vit_tokens * vit_tokens * vh)
-    lm_tokens = prefix_len + k * (suffix_len + new_tokens)
-    ctx = prefix_len + suffix_len
-    attn = layers * 4 * h * (prefix_len * prefix_len / 2 + k * (suffix_len + new_tokens) * ctx)
-    head = 2 * v * h * k * passes * 2
-    return vit + 2 * layer_params * lm_tokens + attn + head
+    vit = vl * (2 * 12 * vh * vh * vit_tokens + 4 * vit_tokens * vit_tokens * vh) + 2 * vh * h * m["num_patches"]
+    rows = [t + answer_tokens for t in tails]
+    lm_tokens = prefix_len + sum(rows)
+    attn = layers * 4 * h * (prefix_len * prefix_len / 2 + sum(r * (prefix_len + r / 2) for r in rows))
+    head = 2 * v * h * (1 + len(rows) * logits_per_row)
+    return vit + 2 * lm_params * lm_tokens + attn + head
+
+
+def grammar_token_counts(grammar) -> tuple[int, int]:
+    """(answer tokens fed per row, positions whose logits are computed per row) by
+    ``constrained_decode``: every slot before the last number's end is fed, and logits are
+    read at the free digits and at every number position (the scores)."""
+    needed = set(grammar.free_positions) | {p for a, b in grammar.number_spans for p in range(a, b)}
+    return max(needed), len(needed)
 
 
 def keypoint_requests(library, k: int):
@@ -179,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gflops = matmul_peak_gflops()
     passes = outputs["sdk-ort"].info["decoder_passes"] if "sdk-ort" in outputs else None
-    prefix_len, suffix_len = served_token_counts(ort_pose, requests)
-    flops = person_flops(manifest, prefix_len, suffix_len, len(requests), passes or 6, 6)
+    prefix_len, tails = served_token_counts(ort_pose, requests)
+    flops = person_flops(manifest, prefix_len, tails, *grammar_token_counts(ort_pose.spec.grammar))
     k = len(requests)
     rows = []
     for m in methods:
@@ -323,30 +333,36 @@ def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict
     return rows
 
 
-def served_token_counts(pose, requests) -> tuple[int, int]:
-    """(prefix tokens, mean suffix tokens) as ``Pose`` feeds them: the rounds' common head
-    is prefilled with the prefix."""
+def served_token_counts(pose, requests) -> tuple[int, list[int]]:
+    """(prefix tokens, each row's tail tokens) as ``Pose`` feeds them: the rounds' common
+    head is prefilled with the prefix."""
     from locllm_sdk.decoding import split_common_head
 
     head, tails = split_common_head([pose.spec.tokenizer.round_ids(r.name, r.description) for r in requests])
-    return len(pose.spec.prefix_ids) + len(head), int(np.mean([len(t) for t in tails]))
+    return len(pose.spec.prefix_ids) + len(head), [len(t) for t in tails]
+
+
+SCALING_KEYPOINTS = (1, 2, 4, 8, 17, 32, 64)
 
 
 def extra_keypoint_flop_fraction(manifest: dict, pose) -> float:
-    """FLOPs of one more keypoint / FLOPs of one keypoint alone: the fraction the latency
-    ratio would show if every FLOP ran at the same speed (the floor of that ratio)."""
-    prefix, suffix = served_token_counts(pose, keypoint_requests(pose.library, 17))
-    passes = 6 if pose.spec.coord_dims == 2 else 12
-    one = person_flops(manifest, prefix, suffix, 1, passes, len(pose.spec.grammar.slots))
-    two = person_flops(manifest, prefix, suffix, 2, passes, len(pose.spec.grammar.slots))
-    return (two - one) / one
+    """The FLOP analogue of the measured ratio: slope of FLOPs over the scaling's keypoint
+    counts / FLOPs of one keypoint. The latency ratio would equal it if every FLOP ran at
+    the same speed."""
+    answer_tokens, logits_per_row = grammar_token_counts(pose.spec.grammar)
+    flops = []
+    for k in SCALING_KEYPOINTS:
+        prefix, tails = served_token_counts(pose, keypoint_requests(pose.library, k))
+        flops.append(person_flops(manifest, prefix, tails, answer_tokens, logits_per_row))
+    slope = float(np.polyfit(np.array(SCALING_KEYPOINTS, float), np.array(flops), 1)[0])
+    return slope / flops[0]
 
 
 def scaling(pose, img, reps: int, warmup: int, manifest: dict | None = None) -> dict:
     rng = np.random.default_rng(1)
     h, w = img.shape[:2]
     out: dict = {"keypoints": [], "persons": []}
-    for k in (1, 2, 4, 8, 17, 32, 64):
+    for k in SCALING_KEYPOINTS:
         req = {r.name: r.description for r in keypoint_requests(pose.library, k)}
         _, t = timed({"x": lambda req=req: pose.locate(img, req, [[40.0, 30.0, 260.0, 420.0]])}, reps, warmup)
         out["keypoints"].append({"keypoints": k, "p50_ms": 1e3 * statistics.median(t["x"])})

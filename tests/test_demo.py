@@ -34,8 +34,20 @@ def test_engine_cache_is_keyed_by_content(trained, tmp_path, monkeypatch):
 
     shutil.copytree(ckpt, copy)
     first = engine_for(copy)
+    built = (first / "decoder_shared.onnx").stat().st_mtime_ns
     assert engine_for(copy) == first  # cached, not rebuilt
+    assert (first / "decoder_shared.onnx").stat().st_mtime_ns == built
     assert Pose(first).spec.coord_dims == 2
+    # a cached engine whose graphs are of an older revision is rebuilt in place
+    from locllm_sdk.engine import GRAPH_REVISION
+
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["graph_revision"] == GRAPH_REVISION
+    manifest["graph_revision"] = GRAPH_REVISION - 1
+    (first / "manifest.json").write_text(json.dumps(manifest))
+    assert engine_for(copy) == first
+    assert json.loads((first / "manifest.json").read_text())["graph_revision"] == GRAPH_REVISION
+    assert (first / "decoder_shared.onnx").stat().st_mtime_ns != built
     cfg = json.loads((copy / "config.json").read_text())
     cfg["note"] = "changed"
     (copy / "config.json").write_text(json.dumps(cfg))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from locllm_sdk.descriptions import default_library_path
-from locllm_sdk.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, sha256_file
+from locllm_sdk.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, GRAPH_REVISION, MANIFEST, sha256_file
 from locllm_sdk.protocol import PROTOCOL_VERSION, PromptTokenizer, build_grammar
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
 from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
@@ -279,6 +279,7 @@ def _build_onnx_engine(
     manifest = {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
+        "graph_revision": GRAPH_REVISION,
         "protocol_version": PROTOCOL_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {

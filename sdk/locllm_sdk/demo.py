@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import MANIFEST, read_manifest
+from .engine import GRAPH_REVISION, MANIFEST, read_manifest
 
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are keyed by name, size and mtime
@@ -77,8 +77,11 @@ def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
     checkpoint = Path(checkpoint)
     engine = cache_dir() / "engines" / f"{checkpoint.name}-{checkpoint_digest(checkpoint)[:16]}"
     if (engine / MANIFEST).is_file() and not rebuild:
-        read_manifest(engine)  # verifies checksums: a damaged cache is an error, not a wrong answer
-        return engine
+        manifest = read_manifest(engine)  # verifies checksums: a damaged cache is an error, not a wrong answer
+        if manifest.get("graph_revision", 1) == GRAPH_REVISION:
+            return engine
+        stale = manifest.get("graph_revision", 1)
+        print(f"the cached engine's graphs are revision {stale}, not {GRAPH_REVISION}: rebuilding", file=sys.stderr)
     try:
         from locllm_export.build import build_onnx_engine
     except ImportError as e:

@@ -17,6 +17,10 @@ from pathlib import Path
 
 ENGINE_FORMAT = "locllm-engine"
 ENGINE_FORMAT_VERSION = 1
+# Revision of the exported graphs' computation (same inputs and outputs, faster or fixed
+# internals): an engine of an older revision still runs, but cached engines are rebuilt.
+# 2: the cascade step runs per-token layers on real tokens only and a two-part softmax.
+GRAPH_REVISION = 2
 MANIFEST = "manifest.json"
 
 

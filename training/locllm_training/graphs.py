@@ -97,8 +97,10 @@ class SharedPrefixStep(nn.Module):
     Cascade attention: the prefix keys/values stay one copy per crop ([N,kv_heads,Lp,d]);
     each row's own cache holds only its suffix and answer tokens. Rows are laid out crop by
     crop, R = B/N rows per crop, so a crop's queries meet its prefix in one matmul, and
-    one softmax runs over [prefix scores | row scores], the same function as attention over
-    the concatenated sequence. (A row whose crop is not shared passes N = B, R = 1.)
+    one softmax runs over [prefix scores | row scores] (computed in its two parts), the
+    same function as attention over the concatenated sequence. (A row whose crop is not
+    shared passes N = B, R = 1.) The per-token layers run on the real tokens only, not on
+    the right padding of the step (the step part of ``attention_mask`` says which).
 
     Inputs: ``inputs_embeds`` [B,T,H]; ``attention_mask`` [B,past+T] over the row's own
     tokens only (the prefix is never padded); ``position_ids`` [B,T] (absolute, prefix
@@ -134,7 +136,7 @@ class SharedPrefixStep(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, logits_index, *caches):
         n_layers = self.num_layers
         prefix, past = caches[: 2 * n_layers], caches[2 * n_layers :]
-        b, t, _ = inputs_embeds.shape
+        b, t, width = inputs_embeds.shape
         n = prefix[0].shape[0]
         past_len = past[0].shape[2]
         key_pos = torch.arange(past_len + t, device=inputs_embeds.device)
@@ -143,35 +145,49 @@ class SharedPrefixStep(nn.Module):
         dtype = inputs_embeds.dtype
         row_bias = torch.zeros(allowed.shape, dtype=dtype, device=inputs_embeds.device)
         row_bias = row_bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        # Packed tokens: rows are right-padded to the longest suffix (~16% pads for COCO-17),
+        # and the per-token layers (projections, MLP, norms) run on the real tokens only.
+        # ``slot`` maps each padded position to its packed token, pads to an extra zero row.
+        real = attention_mask[:, past_len:].reshape(-1).bool()
+        packed = torch.nonzero(real).squeeze(1)
+        slot = torch.where(real, torch.cumsum(real.long(), 0) - 1, packed.shape[0])
         model = self.llm.model
-        hidden = inputs_embeds
-        cos, sin = model.rotary_emb(hidden, position_ids)
+        hidden = inputs_embeds.reshape(b * t, width).index_select(0, packed)
+        cos, sin = model.rotary_emb(inputs_embeds, position_ids)
         present = []
         for i, layer in enumerate(model.layers[:n_layers]):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = _unpack(attn.q_proj(x), slot).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = _unpack(attn.k_proj(x), slot).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = _unpack(attn.v_proj(x), slot).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             present.extend((k, v))
             pk, pv = prefix[2 * i], prefix[2 * i + 1]
-            lp = pk.shape[2]
-            s_prefix = self._from_crops(torch.matmul(self._to_crops(q, n), pk.transpose(2, 3)), b, t)
+            # softmax over [prefix keys | row keys] in two parts: the big prefix scores stay
+            # in crop layout, and no [.., prefix+row] tensor is ever concatenated or sliced.
+            q = q * attn.scaling
+            s_prefix = torch.matmul(self._to_crops(q, n), pk.transpose(2, 3))  # [N,kv,R*g*T,Lp]
             k_rows = k[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(b, self.heads, -1, self.head_dim)
             v_rows = v[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(b, self.heads, -1, self.head_dim)
-            s_rows = torch.matmul(q, k_rows.transpose(2, 3))
-            scores = torch.cat([s_prefix, s_rows], dim=3) * attn.scaling
-            scores = torch.cat([scores[..., :lp], scores[..., lp:] + row_bias], dim=3)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = self._from_crops(torch.matmul(self._to_crops(probs[..., :lp], n), pv), b, t)
-            out = out + torch.matmul(probs[..., lp:], v_rows)
-            out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+            s_rows = torch.matmul(q, k_rows.transpose(2, 3)) + row_bias  # [B,H,T,Lr]
+            peak = torch.maximum(self._from_crops(s_prefix.amax(-1, keepdim=True), b, t), s_rows.amax(-1, keepdim=True))
+            e_prefix = torch.exp(s_prefix - self._to_crops(peak, n))
+            e_rows = torch.exp(s_rows - peak)
+            total = self._from_crops(e_prefix.sum(-1, keepdim=True), b, t) + e_rows.sum(-1, keepdim=True)
+            out = self._from_crops(torch.matmul(e_prefix, pv), b, t) + torch.matmul(e_rows, v_rows)
+            out = out / total
+            out = out.transpose(1, 2).reshape(b * t, self.heads * self.head_dim).index_select(0, packed)
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = model.norm(hidden)
-        index = logits_index[:, :, None].expand(-1, -1, hidden.shape[-1])
+        hidden = _unpack(model.norm(hidden), slot).view(b, t, width)
+        index = logits_index[:, :, None].expand(-1, -1, width)
         logits = self.llm.lm_head(torch.gather(hidden, 1, index))
         return (logits, *present)
+
+
+def _unpack(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Packed tokens [n,X] -> padded positions [B*T,X], zeros at the pads."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, slot)
