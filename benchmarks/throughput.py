@@ -113,6 +113,17 @@ def timed(fns: dict, reps: int, warmup: int) -> tuple[dict, dict]:
     return outputs, times
 
 
+def cpu_model() -> str:
+    """The CPU's model name (the same VM type can land on different hosts from day to day)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def pct(xs, q):
     return float(np.percentile(xs, q))
 
@@ -248,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "machine": {
             "cpu_threads": torch.get_num_threads(),
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": ort_pose.backend.describe().get("onnxruntime"),
         },
         "matmul_peak_gflops": gflops,
         "sdk_person_gflop": flops / 1e9,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +47,27 @@ def test_throughput_smoke(tmp_path):
     assert all(r["p50_ms"] > 0 for r in result["ablation"])
     assert [r["keypoints"] for r in result["scaling"]["keypoints"]] == [1, 2, 4, 8, 17, 32, 64]
     assert (out / "scaling_tiny.png").stat().st_size > 10_000
+
+
+def test_flop_model_matches_counted_flops(trained):
+    """throughput.py's per-person FLOP model (behind "fraction of the matmul peak" and the
+    marginal keypoint's FLOP ratio) agrees with torch's own count of the torch backend's
+    matmuls for the same request (it once counted one decoder layer instead of all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+    from locllm_sdk import Pose
+    from locllm_sdk.engine import read_manifest
+
+    ckpt, engine = trained[2]
+    pose = Pose(ckpt, backend="torch")
+    requests = throughput.keypoint_requests(pose.library, 17)
+    img = np.random.default_rng(0).integers(0, 255, (120, 90, 3)).astype(np.uint8)
+    with FlopCounterMode(display=False) as counter:
+        pose.locate(img, {r.name: r.description for r in requests})
+    prefix, tails = throughput.served_token_counts(pose, requests)
+    model = throughput.person_flops(
+        read_manifest(engine), prefix, tails, *throughput.grammar_token_counts(pose.spec.grammar)
+    )
+    assert 0.95 < model / counter.get_total_flops() < 1.05
