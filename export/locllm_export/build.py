@@ -304,6 +304,10 @@ def _build_onnx_engine(
             "head_dim": head_dim,
             "max_position_embeddings": llm.max_position_embeddings,
             "parameters": sum(p.numel() for p in merged.parameters()),
+            # per part, for FLOP accounting (tied or untied embeddings, any ViT width ratio)
+            "vision_parameters": sum(p.numel() for p in merged.vision.parameters())
+            + sum(p.numel() for p in merged.projector.parameters()),
+            "decoder_layer_parameters": sum(p.numel() for p in merged.llm.model.layers.parameters()),
         },
         "tokenizer": {
             "dir": "tokenizer",
