@@ -403,10 +403,14 @@ def scaling(pose, img, reps: int, warmup: int, manifest: dict | None = None) -> 
     print("  keypoints: " + ", ".join(f"{r['keypoints']}: {r['p50_ms']:.0f} ms" for r in out["keypoints"]))
     print("  persons (17 kpts): " + ", ".join(f"{r['persons']}: {r['p50_ms']:.0f} ms" for r in out["persons"]))
     print(f"  one more keypoint costs {slope:.1f} ms = {100 * slope / ms[0]:.1f}% of the one-keypoint latency")
-    if manifest is not None and "decoder_layer_parameters" in manifest["model"]:
-        floor = extra_keypoint_flop_fraction(manifest, pose)
-        out["extra_keypoint_flop_fraction"] = floor
-        print(f"  (its FLOPs are {100 * floor:.1f}% of one keypoint's: the ratio at equal speed per FLOP)")
+    if manifest is not None:
+        try:
+            floor = extra_keypoint_flop_fraction(manifest, pose)
+        except ValueError as e:
+            print(f"  FLOP ratio not reported: {e}")
+        else:
+            out["extra_keypoint_flop_fraction"] = floor
+            print(f"  (its FLOPs are {100 * floor:.1f}% of one keypoint's: the ratio at equal speed per FLOP)")
     return out
 
 

@@ -78,10 +78,10 @@ def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
     engine = cache_dir() / "engines" / f"{checkpoint.name}-{checkpoint_digest(checkpoint)[:16]}"
     if (engine / MANIFEST).is_file() and not rebuild:
         manifest = read_manifest(engine)  # verifies checksums: a damaged cache is an error, not a wrong answer
-        if manifest.get("graph_revision", 1) == GRAPH_REVISION:
+        revision = manifest.get("graph_revision", 1)  # engines before the field were revision 1
+        if revision == GRAPH_REVISION:
             return engine
-        stale = manifest.get("graph_revision", 1)
-        print(f"the cached engine's graphs are revision {stale}, not {GRAPH_REVISION}: rebuilding", file=sys.stderr)
+        print(f"the cached engine's graphs are revision {revision}, not {GRAPH_REVISION}: rebuilding", file=sys.stderr)
     try:
         from locllm_export.build import build_onnx_engine
     except ImportError as e:
