@@ -72,6 +72,14 @@ def test_predict_writes_results_that_accuracy_scores(trained, synth_val, tmp_pat
     )
     mine = [p for p in preds if p["image_id"] == im["id"]]
     assert np.allclose(np.asarray(mine[0]["keypoints"]).reshape(-1, 3), res[0].numpy(), atol=1e-3)
+    # --flip writes the flip-averaged coordinates of Pose.locate(..., flip=True)
+    assert cli(["predict", str(gt), "-m", str(engine), "--out", str(out), "--limit", "1", "--flip"]) == 0
+    flipped = [p for p in json.loads(out.read_text()) if p["image_id"] == im["id"]]
+    res = Pose(engine).locate(
+        str(gt.parent.parent / "images" / "val" / im["file_name"]), ext, [a["bbox"] for a in anns], flip=True
+    )
+    assert np.allclose(np.asarray(flipped[0]["keypoints"]).reshape(-1, 3), res[0].numpy(), atol=1e-3)
+    assert not np.allclose(np.asarray(flipped[0]["keypoints"]), np.asarray(mine[0]["keypoints"]), atol=1e-3)
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--gt", str(gt), "--pred", str(out), "--json"],
         capture_output=True,

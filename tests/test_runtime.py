@@ -143,6 +143,57 @@ def test_custom_description_and_skeleton(poses):
     assert len(pose.locate(img, "coco17")[0]) == 17
 
 
+def test_mirror_request():
+    from locllm_sdk.descriptions import DescriptionLibrary, KeypointRequest, mirror_text
+
+    lib = DescriptionLibrary.load()
+    left = KeypointRequest("left wrist", lib.descriptions["left wrist"])
+    assert lib.mirror(left) == KeypointRequest("right wrist", lib.descriptions["right wrist"])
+    assert lib.mirror(lib.mirror(left)) == left
+    neck = KeypointRequest("neck", lib.descriptions["neck"])
+    assert lib.mirror(neck) == neck
+    # a caller's own text is mirrored word by word (not replaced by the library's sentence)
+    own = KeypointRequest("left wrist", "The left wrist is near the Left hip, not the rightmost point.")
+    mirrored = "The right wrist is near the Right hip, not the rightmost point."
+    assert lib.mirror(own) == KeypointRequest("right wrist", mirrored)
+    assert mirror_text("LEFT-right leftover") == "RIGHT-left leftover"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_flip_averages_the_plain_and_the_mirrored_crop(poses, dims, monkeypatch):
+    """flip=True against two independent plain runs: one on the crop, one on the mirrored
+    crop asking for the mirrored keypoints (the crop is pinned so both runs see exactly it)."""
+    from locllm_sdk import crop as cropping
+    from locllm_sdk.descriptions import mirror_text
+
+    pose = poses[dims]["ort"]
+    s = pose.spec.image_size
+    crop = np.random.default_rng(9).integers(0, 255, (s, s, 3)).astype(np.uint8)
+    img, box = images(1, seed=9)[0], [10.0, 12.0, 90.0, 100.0]
+    names = ["left wrist", "nose", "right hip", "left shoulder"]  # not closed under mirroring
+    monkeypatch.setattr(cropping, "warp", lambda image, g: crop)
+    flipped = pose.locate(img, names, [box], flip=True)[0]
+    plain = pose.locate(img, names, [box])[0]
+    monkeypatch.setattr(cropping, "warp", lambda image, g: np.ascontiguousarray(crop[:, ::-1]))
+    mirrored = pose.locate(img, [mirror_text(n) for n in names], [box])[0]
+    inv = cropping.crop_geometry(box, img.shape[:2], s).inverse  # no rotation: x = a * u + b
+    a, b = inv[0, 0], inv[0, 2]
+    assert inv[0, 1] == 0 and inv[1, 0] == 0
+    moved = 0
+    for n in names:
+        f, p, m = flipped[n], plain[n], mirrored[mirror_text(n)]
+        assert f.answer == p.answer and f.flip_answer == m.answer and f.flip_answer
+        u_m = (m.x - b) / a  # the mirrored crop's column -> the plain crop's column s - 1 - u
+        assert f.x == pytest.approx((p.x + a * (s - 1 - u_m) + b) / 2, abs=1e-6)
+        assert f.y == pytest.approx((p.y + m.y) / 2, abs=1e-6)
+        assert f.score == pytest.approx((p.score + m.score) / 2, abs=1e-6)
+        if dims == 3:
+            assert f.z == pytest.approx((p.z + m.z) / 2, abs=1e-6)
+        moved += f.x != p.x
+    assert moved, "flip changed no coordinate: the test model would not show a wrong averaging"
+    assert json.loads(pose.locate(img, names, [box], flip=True).to_json())["info"]["flip"] is True
+
+
 def test_bad_inputs(poses, tmp_path):
     pose = poses[2]["ort"]
     img = images(1)[0]

@@ -1,8 +1,8 @@
 """``locllm``: the command line.
 
 locllm demo [--seed N] [--out demo.png]           the bundled demo model on a rendered scene
-locllm locate IMAGE [-m MODEL] -k neck -k pelvis [--box x,y,w,h] [--json] [--draw out.png]
-locllm predict GT.json [-m MODEL] --out preds.json  COCO results for benchmarks/accuracy.py
+locllm locate IMAGE [-m MODEL] -k neck -k pelvis [--box x,y,w,h] [--flip] [--json] [--draw out.png]
+locllm predict GT.json [-m MODEL] --out preds.json [--flip]  COCO results for benchmarks/accuracy.py
 locllm info ENGINE_DIR
 
 MODEL is an engine directory, or a checkpoint (its engine is built once and cached; with
@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from .pose import BACKENDS
+
+FLIP_HELP = "flip test-time augmentation: also run each crop mirrored (left <-> right) and average; ~2x time"
 
 
 def _box(text: str) -> list[float]:
@@ -59,7 +61,7 @@ def _pose(args):
 def cmd_locate(args) -> int:
     pose = _pose(args)
     keypoints = args.keypoint or args.skeleton
-    res = pose.locate(args.image, keypoints, boxes=args.box or None)
+    res = pose.locate(args.image, keypoints, boxes=args.box or None, flip=args.flip)
     if args.json:
         print(res.to_json(indent=2))
     else:
@@ -84,7 +86,7 @@ def cmd_predict(args) -> int:
     from .predict import predict_coco
 
     pose = _pose(args)
-    preds = predict_coco(pose, args.gt, args.keypoints, args.images, args.limit)
+    preds = predict_coco(pose, args.gt, args.keypoints, args.images, args.limit, flip=args.flip)
     args.out.write_text(json.dumps(preds) + "\n")
     print(f"{len(preds)} person predictions written to {args.out}; score them with:")
     flag = "--gt3d COMPANION.json" if pose.spec.coord_dims == 3 else ""
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--backend", default="auto", choices=BACKENDS)
     loc.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     loc.add_argument("--threads", type=int, default=None)
+    loc.add_argument("--flip", action="store_true", help=FLIP_HELP)
     loc.add_argument("--json", action="store_true", help="print JSON instead of a table")
     loc.add_argument("--draw", type=Path, help="write an overlay PNG")
     loc.set_defaults(func=cmd_locate)
@@ -142,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--backend", default="auto", choices=BACKENDS)
     pred.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     pred.add_argument("--threads", type=int, default=None)
+    pred.add_argument("--flip", action="store_true", help=FLIP_HELP)
     pred.set_defaults(func=cmd_predict)
     info = sub.add_parser("info", help="describe an engine directory")
     info.add_argument("engine")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+_SIDE = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_OTHER_SIDE = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def mirror_text(text: str) -> str:
+    """Swap the words left and right: what a text means in a horizontally mirrored image."""
+    return _SIDE.sub(lambda m: _OTHER_SIDE[m.group(1)], text)
 
 
 def default_library_path() -> Path:
@@ -94,3 +103,12 @@ class DescriptionLibrary:
                 raise ValueError(f"the description of {name!r} must be a non-empty string")
             requests.append(KeypointRequest(name, description))
         return requests
+
+    def mirror(self, request: KeypointRequest) -> KeypointRequest:
+        """The request that asks, in a horizontally flipped crop, for the same body point:
+        the other side's library entry when the request is a library entry (so the model
+        reads the sentences it was trained with), else name and text with left/right swapped."""
+        name = mirror_text(request.name)
+        if self.descriptions.get(request.name) == request.description and name in self.descriptions:
+            return KeypointRequest(name, self.descriptions[name])
+        return KeypointRequest(name, mirror_text(request.description))

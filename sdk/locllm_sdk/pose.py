@@ -215,10 +215,17 @@ class Pose:
         image: object,
         keypoints: str | Iterable[str] | Mapping[str, str | None],
         boxes: Sequence[Sequence[float]] | None = None,
+        flip: bool = False,
     ) -> Results:
         """Locate ``keypoints`` (names, a skeleton name like ``"coco17"``, or a
         ``{name: description}`` mapping) for each person box ``[x, y, w, h]`` (default: the
-        whole image). Coordinates come back in image pixels."""
+        whole image). Coordinates come back in image pixels.
+
+        ``flip=True`` is flip test-time augmentation: each crop is also run mirrored, asking
+        for the mirrored keypoint (left <-> right), and the two answers are averaged (x, y, z
+        and score). About twice the cost; the result is then no longer one answer of the
+        model, so ``Keypoint.answer`` holds the plain crop's answer and ``flip_answer`` the
+        mirrored crop's."""
         img = cropping.load_image(image)
         requests = self.library.resolve(keypoints)
         h, w = img.shape[:2]
@@ -230,20 +237,50 @@ class Pose:
         geoms = [cropping.crop_geometry(b, (h, w), self.spec.image_size) for b in boxes]
         crops = np.stack([cropping.warp(img, g) for g in geoms])
         pixels = cropping.normalize(crops, self.spec.norm_mean, self.spec.norm_std)
-        values, answers, stats = self._run(pixels, requests)
-        persons = []
         size = float(self.spec.image_size)
-        k = len(requests)
+        n, k = len(boxes), len(requests)
+        if flip:
+            # One run over the plain and the mirrored crops with the union of the requests and
+            # their mirrors (a left/right-symmetric set like coco17 is its own mirror: no extra rows).
+            mirrored = [self.library.mirror(r) for r in requests]
+            union = list(dict.fromkeys(requests + mirrored))
+            row_of = {r: j for j, r in enumerate(union)}
+            both = np.ascontiguousarray(np.concatenate([pixels, pixels[..., ::-1]]))
+            values, answers, stats = self._run(both, union)
+            plain = [i * len(union) + row_of[r] for i in range(n) for r in requests]
+            other = [(n + i) * len(union) + row_of[m] for i in range(n) for m in mirrored]
+            v_plain, v_other = values[plain], values[other].copy()
+            # a flipped crop's pixel column u is the plain crop's column size - 1 - u
+            v_other[:, 0] = (size - 1.0) / size - v_other[:, 0]
+            # an incomplete answer (free decoding only) has no value to average: the other one stands
+            ok_plain = np.array([answers[a].complete for a in plain])
+            ok_other = np.array([answers[b].complete for b in other])
+            w_plain = np.where(ok_plain & ok_other, 0.5, np.where(ok_other, 0.0, 1.0))
+            values = w_plain[:, None] * v_plain + (1.0 - w_plain[:, None]) * v_other
+            scores = [wp * answers[a].score + (1.0 - wp) * answers[b].score for a, b, wp in zip(plain, other, w_plain)]
+            texts = [answers[a].text for a in plain]
+            flip_texts = [answers[b].text for b in other]
+        else:
+            values, answers, stats = self._run(pixels, requests)
+            scores = [a.score for a in answers]
+            texts = [a.text for a in answers]
+            flip_texts = [""] * len(answers)
+        persons = []
         for i, (box, g) in enumerate(zip(boxes, geoms)):
             vals = values[i * k : (i + 1) * k]
             xy = cropping.to_image_coords(vals[:, :2] * size, g.inverse)
             kps = []
             for j, req in enumerate(requests):
-                a = answers[i * k + j]
+                r = i * k + j
                 z = unit_to_depth(float(vals[j, 2])) if self.spec.coord_dims == 3 else None
-                kps.append(Keypoint(req.name, float(xy[j, 0]), float(xy[j, 1]), a.score, z, a.text))
+                kps.append(Keypoint(req.name, float(xy[j, 0]), float(xy[j, 1]), scores[r], z, texts[r], flip_texts[r]))
             persons.append(Person(tuple(box), tuple(kps)))
-        info = {"backend": self.backend_name, "decoding": self.decoding, "decoder_passes": stats.decoder_passes}
+        info = {
+            "backend": self.backend_name,
+            "decoding": self.decoding,
+            "decoder_passes": stats.decoder_passes,
+            "flip": flip,
+        }
         return Results(persons, [r.name for r in requests], (h, w), info)
 
     __call__ = locate

@@ -53,7 +53,9 @@ def predict_coco(
     image_dir: str | Path | None = None,
     limit: int | None = None,
     progress: bool = True,
+    flip: bool = False,
 ) -> list[dict]:
+    """``flip``: flip test-time augmentation (see ``Pose.locate``)."""
     gt_json = Path(gt_json)
     doc = json.loads(gt_json.read_text())
     image_dir = Path(image_dir) if image_dir else guess_image_dir(gt_json, doc)
@@ -66,7 +68,7 @@ def predict_coco(
     preds = []
     for i, im in enumerate(images):
         people = anns[im["id"]]
-        res = pose.locate(load_image(image_dir / im["file_name"]), names, [a["bbox"] for a in people])
+        res = pose.locate(load_image(image_dir / im["file_name"]), names, [a["bbox"] for a in people], flip=flip)
         for person, a in zip(res, people):
             p = {
                 "image_id": im["id"],

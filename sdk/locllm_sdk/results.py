@@ -17,11 +17,14 @@ class Keypoint:
     score: float
     z: float | None = None  # root-relative depth in mm (3D models)
     answer: str = ""  # the model's answer text, e.g. "[0.412,0.905]"
+    flip_answer: str = ""  # with flip test-time augmentation: the answer on the mirrored crop
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "x": self.x, "y": self.y, "score": self.score, "answer": self.answer}
         if self.z is not None:
             d["z"] = self.z
+        if self.flip_answer:
+            d["flip_answer"] = self.flip_answer
         return d
 
 
