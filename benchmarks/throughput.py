@@ -9,6 +9,7 @@ warm-up, and medians are reported. Methods:
               crop through the ViT K times, left padding, HF generate greedy, regex parse)
   sdk-torch   Pose.locate on the torch backend (the SDK's algorithm, PyTorch kernels)
   sdk-ort     Pose.locate on ONNX Runtime (the SDK as deployed)
+  sdk-ort-flip  the same with flip test-time augmentation (not in the default --methods)
 Random-weight presets are created (and their engines built) on first use under --workdir.
 """
 
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+METHODS = ("reference", "sdk-torch", "sdk-ort", "sdk-ort-flip")
 
 _ROOT = Path(__file__).resolve().parent.parent
 for _sub in ("sdk", "training", "export", "benchmarks"):
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(engine)
     sections = {x.strip() for x in args.sections.split(",")}
     methods = [m.strip() for m in args.methods.split(",")] if "compare" in sections else []
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
 
     ort_pose = Pose(engine, backend="onnxruntime", threads=args.threads)
     torch_pose = Pose(ckpt, backend="torch", threads=args.threads)
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": run_reference,
         "sdk-torch": lambda: torch_pose.locate(img, {r.name: r.description for r in requests}, [box]),
         "sdk-ort": lambda: ort_pose.locate(img, {r.name: r.description for r in requests}, [box]),
+        "sdk-ort-flip": lambda: ort_pose.locate(img, {r.name: r.description for r in requests}, [box], flip=True),
     }
     outputs, times = timed({m: runners[m] for m in methods}, args.reps, args.warmup)
 
