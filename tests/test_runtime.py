@@ -107,6 +107,12 @@ def test_free_decoding_malformed_answer_official_zeros(tiny_checkpoint):
         assert kp.score == 0.0
         assert (kp.x, kp.y) == pytest.approx(tuple(origin))
     assert origin[0] < box[0]  # the square crop pads the narrow box: (0, 0) lies left of it
+    # flip: two malformed answers average to nothing; the plain one's zeros stand (a naive
+    # mean with the mirrored crop's zeros would land mid-crop)
+    for kp in pose.locate(img, ["nose", "neck"], boxes=[box], flip=True)[0]:
+        assert "0." not in kp.answer and "0." not in kp.flip_answer and kp.flip_answer
+        assert kp.score == 0.0
+        assert (kp.x, kp.y) == pytest.approx(tuple(origin))
 
 
 def test_batching_invariance(poses):
