@@ -159,6 +159,7 @@ def test_two_process_data_parallel_on_cpu(synth, tiny_checkpoint, tmp_path):
 
 
 def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_checkpoint, tmp_path):
+    import hashlib
     import shutil
 
     import torch
@@ -181,6 +182,16 @@ def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_che
     assert back.config.coord_dims == 3
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    assert ref["sha256"] == hashlib.sha256((parent / "model.safetensors").read_bytes()).hexdigest()
+    # a delta of a delta: only its own change is stored; loading walks both parents
+    with torch.no_grad():
+        model.llm.model.norm.weight.add_(0.5)
+    grandchild = tmp_path / "models" / "grandchild"
+    save_checkpoint(model, parent, grandchild, parent=child)
+    assert sorted(load_file(str(grandchild / "model.safetensors"))) == ["llm.model.norm.weight"]
+    again = load_checkpoint(grandchild)
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
     from locllm_export.build import build_onnx_engine
     from locllm_sdk.demo import checkpoint_digest
     from locllm_sdk.engine import read_manifest
