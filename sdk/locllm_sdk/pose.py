@@ -245,7 +245,7 @@ class Pose:
             mirrored = [self.library.mirror(r) for r in requests]
             union = list(dict.fromkeys(requests + mirrored))
             row_of = {r: j for j, r in enumerate(union)}
-            both = np.ascontiguousarray(np.concatenate([pixels, pixels[..., ::-1]]))
+            both = np.concatenate([pixels, pixels[..., ::-1]])  # a copy: contiguous
             values, answers, stats = self._run(both, union)
             plain = [i * len(union) + row_of[r] for i in range(n) for r in requests]
             other = [(n + i) * len(union) + row_of[m] for i in range(n) for m in mirrored]

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 from locllm_sdk.crop import affine_transform, box_to_center_scale, normalize, sanitize_box
-from locllm_sdk.descriptions import DescriptionLibrary
+from locllm_sdk.descriptions import DescriptionLibrary, mirror_text
 from locllm_sdk.protocol import EOS_TEXT, IMAGE_PATCH_TOKEN, PromptTokenizer, format_answer
 
 IGNORE = -100
@@ -95,14 +95,6 @@ def _guess_image_dir(json_path: Path, doc: dict) -> Path:
     return json_path.parent
 
 
-def flip_name(name: str) -> str:
-    if name.startswith("left "):
-        return "right " + name[5:]
-    if name.startswith("right "):
-        return "left " + name[6:]
-    return name
-
-
 # Relational (novel-keypoint) targets: midpoints of joint pairs, described as the paper
 # describes neck and pelvis ("typically situated between ..."), so the model learns to read
 # a description instead of memorising fixed sentences.
@@ -174,7 +166,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             if cfg.flip and rng.random() <= 0.5:
                 img = img[:, ::-1, :]
                 joints[:, 0] = w - joints[:, 0] - 1
-                names = [flip_name(n) for n in names]
+                names = [mirror_text(n) for n in names]  # the runtime's flip test uses the same rule
                 center = center.copy()
                 center[0] = w - center[0] - 1
         s = cfg.image_size

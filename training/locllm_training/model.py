@@ -7,7 +7,6 @@ LM by replacing the embeddings at ``<im_patch>`` positions with projected patch 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,8 @@ from locllm_sdk.crop import CLIP_MEAN, CLIP_STD
 from locllm_sdk.protocol import PROTOCOL_VERSION
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+
+from .pretrained import file_sha256
 
 CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -278,10 +279,10 @@ def _weight_files(checkpoint: Path) -> list[Path]:
     raise CheckpointError(f"{checkpoint}: model.safetensors (or model.safetensors.index.json) is missing")
 
 
-def _read_parent(checkpoint: Path) -> tuple[Path, bytes] | None:
+def parent_checkpoint(checkpoint: str | Path) -> Path | None:
     """The checkpoint whose tensors a delta checkpoint (``parent_weights`` in config.json:
-    a path relative to it + the parent's model.safetensors sha256) omits, and that file's
-    bytes, checked against the sha256. Read once: the bytes hashed are the bytes loaded."""
+    a path relative to it + the parent's model.safetensors sha256) omits; checked here."""
+    checkpoint = Path(checkpoint)
     ref = json.loads((checkpoint / "config.json").read_text()).get("parent_weights")
     if not ref:
         return None
@@ -289,33 +290,24 @@ def _read_parent(checkpoint: Path) -> tuple[Path, bytes] | None:
     weights = parent / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint} stores only its differences from {parent}, which has no model.safetensors")
-    raw = weights.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != ref["sha256"]:
+    if file_sha256(weights) != ref["sha256"]:
         raise CheckpointError(
             f"{checkpoint} stores only its differences from {weights}, but that file's sha256 is not the "
             f"recorded {ref['sha256']}: the parent checkpoint was changed"
         )
-    return parent, raw
-
-
-def _inherited_state(checkpoint: Path, raw: bytes | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor ``checkpoint`` stores, its parents' included; ``raw``: its single weight
-    file's bytes when already read."""
-    from safetensors.torch import load, load_file
-
-    found = _read_parent(checkpoint)
-    state = _inherited_state(*found) if found else {}
-    if raw is not None:
-        state.update(load(raw))
-    else:
-        for file in _weight_files(checkpoint):
-            state.update(load_file(str(file)))
-    return state
+    return parent
 
 
 def stored_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint stores, its parents' included (not external vision weights)."""
-    return _inherited_state(Path(checkpoint))
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    parent = parent_checkpoint(checkpoint)
+    state = stored_state(parent) if parent else {}
+    for file in _weight_files(checkpoint):
+        state.update(load_file(str(file)))
+    return state
 
 
 def save_checkpoint(
@@ -358,15 +350,14 @@ def save_checkpoint(
     config.pop("parent_weights", None)
     if parent is not None:
         parent = Path(parent).resolve()
+        inherited = stored_state(parent)
+        state = {k: v for k, v in state.items() if not (k in inherited and torch.equal(inherited[k].to(v.dtype), v))}
         weights = _weight_files(parent)
         if len(weights) != 1:
             raise CheckpointError(f"a delta checkpoint needs a single-file parent; {parent} is sharded")
-        raw = weights[0].read_bytes()  # compared and hashed from one read
-        inherited = _inherited_state(parent, raw)
-        state = {k: v for k, v in state.items() if not (k in inherited and torch.equal(inherited[k].to(v.dtype), v))}
         config["parent_weights"] = {
             "path": os.path.relpath(parent, output.resolve()),
-            "sha256": hashlib.sha256(raw).hexdigest(),
+            "sha256": file_sha256(weights[0]),
         }
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
@@ -393,7 +384,7 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
     config = load_config(checkpoint)
     files = _weight_files(checkpoint)
     weights = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
-    found = _read_parent(checkpoint)
+    parent = parent_checkpoint(checkpoint)
     model = LocLLM(config, with_lora=True)
     loaded, unexpected = set(), []
     if config.vision_weights:
@@ -401,8 +392,8 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
         base = {_to_model_key(k, names): v for k, v in external_vision_state(config).items()}
         unexpected += model.load_state_dict(base, strict=False).unexpected_keys
         loaded.update(base)
-    if found is not None:
-        inherited = _inherited_state(*found)
+    if parent is not None:
+        inherited = stored_state(parent)
         unexpected += model.load_state_dict(inherited, strict=False).unexpected_keys
         loaded.update(inherited)
         del inherited
