@@ -209,3 +209,43 @@ def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_che
         load_checkpoint(child)
     # and the engine cache does not serve the engine built on the old parent
     assert checkpoint_digest(child) != engine_key
+
+
+def test_regrid_to_another_crop_size(tiny_checkpoint, tmp_path):
+    """repack_checkpoint.py --image-size: the start of a fine-tune at a larger crop. Every
+    trained weight is kept; the ViT position embeddings are the pretrained ones interpolated
+    for the new grid (what a fresh checkpoint at that size gets)."""
+    import torch
+    from locllm_training.model import load_checkpoint
+    from locllm_training.pretrained import dinov2_small_for_locllm
+
+    src = ROOT / "models" / "demo"
+    out = tmp_path / "demo224"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "repack_checkpoint.py"), str(src), str(out), "--image-size", "224"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["image_size"], config["num_patches"]) == (224, 256)
+    assert "trained" not in config  # those steps were at the old crop size
+    old, new = load_checkpoint(src), load_checkpoint(out)
+    pos = "vision.embeddings.position_embeddings"
+    assert old.state_dict()[pos].shape == (1, 145, 384) and new.state_dict()[pos].shape == (1, 257, 384)
+    assert torch.equal(new.state_dict()[pos], dinov2_small_for_locllm(224)[1]["embeddings.position_embeddings"])
+    for key, value in old.state_dict().items():
+        if key != pos:
+            assert torch.equal(new.state_dict()[key], value), key
+    pose = Pose(out, backend="torch")  # serves at the new size: a 256-patch prefix
+    assert pose.spec.image_size == 224
+    assert pose.locate(np.full((300, 200, 3), 128, np.uint8), ["nose"])[0]["nose"].answer.startswith("[")
+
+    for args, message in (
+        ([str(tiny_checkpoint), str(tmp_path / "a"), "--image-size", "70"], "references its pretrained ViT"),
+        ([str(src), str(tmp_path / "b"), "--image-size", "230"], "not a multiple of the patch size"),
+    ):
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "training" / "repack_checkpoint.py"), *args], capture_output=True, text=True
+        )
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]

@@ -1,15 +1,23 @@
 """Re-write a checkpoint of ours elsewhere, optionally as a delta of another checkpoint.
 
 python training/repack_checkpoint.py SRC OUT [--delta-of PARENT] [--storage-dtype float16]
+                                     [--image-size PIXELS]
 
 A delta checkpoint stores only the tensors that differ from PARENT and records PARENT's
 path (relative to OUT) and sha256; loading checks both. Use it to move a delta written by
 ``train.py --delta-of`` next to its parent (models/demo3d beside models/demo).
+
+``--image-size`` re-grids a checkpoint to another crop size, as the start of a fine-tune at
+that size (``train.py --init OUT``): the ViT's patch, projector and LM weights do not depend
+on the grid, and a checkpoint that references its pretrained ViT base (``vision_weights``)
+stores no position embeddings: they are interpolated from the pretrained ones at load, as
+for any new checkpoint. A checkpoint that stores its own ViT base is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -19,7 +27,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a clone wit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sdk"))
 
 import torch  # noqa: E402
-from locllm_training.model import load_checkpoint, save_checkpoint  # noqa: E402
+from locllm_training.model import (  # noqa: E402
+    LocLLM,
+    _to_model_key,
+    external_vision_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def regrid(model: LocLLM, image_size: int) -> LocLLM:
+    """The same weights for crops of ``image_size`` pixels (position embeddings re-interpolated
+    from the referenced pretrained ViT)."""
+    config = model.config
+    if image_size % config.patch_size:
+        raise SystemExit(f"--image-size {image_size} is not a multiple of the patch size {config.patch_size}")
+    if not config.vision_weights:
+        raise SystemExit(
+            "--image-size needs a checkpoint that references its pretrained ViT base (vision_weights in "
+            "config.json): this one stores its own position embeddings for one grid"
+        )
+    resized = LocLLM(dataclasses.replace(config, image_size=image_size), with_lora=True)
+    names = set(resized.state_dict())
+    base = {_to_model_key(k, names): v for k, v in external_vision_state(resized.config).items()}
+    state = {k: v for k, v in model.state_dict().items() if k not in base}
+    result = resized.load_state_dict({**state, **base}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        unmapped = result.missing_keys[:5] + result.unexpected_keys[:5]
+        raise SystemExit(f"re-gridding does not map every weight: {unmapped}")
+    return resized.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--delta-of", type=Path, help="store only the differences from this checkpoint")
     ap.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"))
+    ap.add_argument("--image-size", type=int, help="re-grid to this crop size (a multiple of the patch size)")
     args = ap.parse_args(argv)
     config = json.loads((args.src / "config.json").read_text())
     dtype = args.storage_dtype or config.get("storage_dtype")
     model = load_checkpoint(args.src)
-    keep = {k: config[k] for k in ("trained",) if k in config}
+    if args.image_size and args.image_size != model.config.image_size:
+        model = regrid(model, args.image_size)
+    # "trained" describes these weights at the crop size they were trained at
+    keep = {k: config[k] for k in ("trained",) if k in config and not args.image_size}
     save_checkpoint(
         model,
         args.src,
