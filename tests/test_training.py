@@ -220,25 +220,26 @@ def test_regrid_to_another_crop_size(tiny_checkpoint, tmp_path):
     from locllm_training.pretrained import dinov2_small_for_locllm
 
     src = ROOT / "models" / "demo"
-    out = tmp_path / "demo224"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "training" / "repack_checkpoint.py"), str(src), str(out), "--image-size", "224"],
-        capture_output=True,
-        text=True,
-    )
+    size = json.loads((src / "config.json").read_text())["image_size"] + 28  # two more patches a side
+    grid = size // 14
+    out = tmp_path / "regridded"
+    repack = [sys.executable, str(ROOT / "training" / "repack_checkpoint.py")]
+    run = subprocess.run([*repack, str(src), str(out), "--image-size", str(size)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert (config["image_size"], config["num_patches"]) == (224, 256)
+    assert (config["image_size"], config["num_patches"]) == (size, grid * grid)
     assert "trained" not in config  # those steps were at the old crop size
     old, new = load_checkpoint(src), load_checkpoint(out)
     pos = "vision.embeddings.position_embeddings"
-    assert old.state_dict()[pos].shape == (1, 145, 384) and new.state_dict()[pos].shape == (1, 257, 384)
-    assert torch.equal(new.state_dict()[pos], dinov2_small_for_locllm(224)[1]["embeddings.position_embeddings"])
+    old_grid = old.config.image_size // 14
+    assert old.state_dict()[pos].shape == (1, old_grid**2 + 1, 384)
+    assert new.state_dict()[pos].shape == (1, grid * grid + 1, 384)
+    assert torch.equal(new.state_dict()[pos], dinov2_small_for_locllm(size)[1]["embeddings.position_embeddings"])
     for key, value in old.state_dict().items():
         if key != pos:
             assert torch.equal(new.state_dict()[key], value), key
-    pose = Pose(out, backend="torch")  # serves at the new size: a 256-patch prefix
-    assert pose.spec.image_size == 224
+    pose = Pose(out, backend="torch")  # serves at the new size: a grid*grid-patch prefix
+    assert pose.spec.image_size == size and pose.spec.num_patches == grid * grid
     assert pose.locate(np.full((300, 200, 3), 128, np.uint8), ["nose"])[0]["nose"].answer.startswith("[")
 
     for args, message in (
