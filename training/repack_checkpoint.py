@@ -17,7 +17,6 @@ for any new checkpoint. A checkpoint that stores its own ViT base is refused.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -27,35 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a clone wit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sdk"))
 
 import torch  # noqa: E402
-from locllm_training.model import (  # noqa: E402
-    LocLLM,
-    _to_model_key,
-    external_vision_state,
-    load_checkpoint,
-    save_checkpoint,
-)
-
-
-def regrid(model: LocLLM, image_size: int) -> LocLLM:
-    """The same weights for crops of ``image_size`` pixels (position embeddings re-interpolated
-    from the referenced pretrained ViT)."""
-    config = model.config
-    if image_size % config.patch_size:
-        raise SystemExit(f"--image-size {image_size} is not a multiple of the patch size {config.patch_size}")
-    if not config.vision_weights:
-        raise SystemExit(
-            "--image-size needs a checkpoint that references its pretrained ViT base (vision_weights in "
-            "config.json): this one stores its own position embeddings for one grid"
-        )
-    resized = LocLLM(dataclasses.replace(config, image_size=image_size), with_lora=True)
-    names = set(resized.state_dict())
-    base = {_to_model_key(k, names): v for k, v in external_vision_state(resized.config).items()}
-    state = {k: v for k, v in model.state_dict().items() if k not in base}
-    result = resized.load_state_dict({**state, **base}, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        unmapped = result.missing_keys[:5] + result.unexpected_keys[:5]
-        raise SystemExit(f"re-gridding does not map every weight: {unmapped}")
-    return resized.eval()
+from locllm_training.model import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     config = json.loads((args.src / "config.json").read_text())
     dtype = args.storage_dtype or config.get("storage_dtype")
-    model = load_checkpoint(args.src)
-    if args.image_size and args.image_size != model.config.image_size:
-        model = regrid(model, args.image_size)
+    try:
+        model = load_checkpoint(args.src, image_size=args.image_size)
+    except CheckpointError as e:
+        raise SystemExit(f"--image-size: {e}" if args.image_size else str(e)) from None
+    regridded = model.config.image_size != config["image_size"]
     # "trained" describes these weights at the crop size they were trained at
-    keep = {k: config[k] for k in ("trained",) if k in config and not args.image_size}
+    keep = {k: config[k] for k in ("trained",) if k in config and not regridded}
     save_checkpoint(
         model,
         args.src,

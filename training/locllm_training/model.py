@@ -7,6 +7,7 @@ LM by replacing the embeddings at ``<im_patch>`` positions with projected patch 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -376,12 +377,25 @@ def load_config(checkpoint: str | Path) -> LocLLMConfig:
     return LocLLMConfig.from_dict(json.loads(path.read_text()))
 
 
-def load_checkpoint(checkpoint: str | Path, with_lora: bool = True) -> LocLLM:
-    """Load our checkpoint format (safetensors only, single file or sharded; nothing is unpickled)."""
+def load_checkpoint(checkpoint: str | Path, with_lora: bool = True, image_size: int | None = None) -> LocLLM:
+    """Load our checkpoint format (safetensors only, single file or sharded; nothing is unpickled).
+
+    ``image_size`` loads the same weights for another crop size (the start of a fine-tune at
+    that size): only a checkpoint that references its pretrained ViT base stores no position
+    embeddings, which are then interpolated from the pretrained ones for the new grid."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     config = load_config(checkpoint)
+    if image_size and image_size != config.image_size:
+        if image_size % config.patch_size:
+            raise CheckpointError(f"image size {image_size} is not a multiple of the patch size {config.patch_size}")
+        if not config.vision_weights:
+            raise CheckpointError(
+                f"{checkpoint} stores its own ViT position embeddings for one grid: another image size needs a "
+                "checkpoint that references its pretrained ViT base (vision_weights in config.json)"
+            )
+        config = dataclasses.replace(config, image_size=image_size)
     files = _weight_files(checkpoint)
     weights = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
     parent = parent_checkpoint(checkpoint)
