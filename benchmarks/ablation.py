@@ -19,7 +19,8 @@ Every rung returns the answers it decoded, so the ladder also shows which rungs 
 from __future__ import annotations
 
 import numpy as np
-from locllm_sdk.decoding import constrained_decode, free_decode, prefill_prefix, split_common_head
+from locllm_sdk.decoding import free_decode, prefill_prefix, split_common_head
+from locllm_sdk.pipeline import locate_crops
 from locllm_sdk.protocol import max_softmax, parse_answer
 
 RUNGS = (
@@ -107,16 +108,13 @@ def run_rung(rung: str, pose, pixels: np.ndarray, requests) -> list[str]:
             backend.encode_images = original
     suffixes = [tok.round_ids(r.name, r.description) for r in requests]
     rows = np.zeros(k, np.int64)
-    if rung in ("common-head", "sdk"):  # the rounds' common first tokens go with the prefix
+    if rung == "sdk":  # what Pose.locate runs: the pipeline itself
+        return [a.text for a in locate_crops(backend, spec, pixels, requests).answers]
+    if rung == "common-head":  # the rounds' common first tokens go with the prefix
         head, tails = split_common_head(suffixes)
         prefix_ids = list(spec.prefix_ids) + head
         cache = prefill_prefix(backend, prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
-        if rung == "common-head":
-            answers, _ = free_decode(
-                backend, cache, len(prefix_ids), rows, tails, rows, max_new, spec.grammar.dims, tok
-            )
-        else:  # what Pose.locate runs
-            answers, _ = constrained_decode(backend, cache, len(prefix_ids), rows, tails, spec.grammar, tok)
+        answers, _ = free_decode(backend, cache, len(prefix_ids), rows, tails, rows, max_new, spec.grammar.dims, tok)
         return [a.text for a in answers]
     cache = prefill_prefix(backend, spec.prefix_ids, tok.spec.im_patch_id, backend.encode_images(pixels))
     if rung == "shared-prefix":

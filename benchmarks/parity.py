@@ -22,7 +22,7 @@ for _sub in ("sdk", "training"):
     sys.path.insert(0, str(_ROOT / _sub))
 
 from locllm_sdk import Pose  # noqa: E402
-from locllm_sdk.engine import read_manifest  # noqa: E402
+from locllm_sdk.manifest import read_manifest  # noqa: E402
 
 SCORE_TOLERANCE = 1e-4
 DEFAULT_KEYPOINTS = "coco17"
@@ -53,11 +53,11 @@ def test_images(n: int, seed: int) -> list[tuple[np.ndarray, list[list[float]]]]
 def gt_images(gt_json: Path, n: int) -> tuple[list, dict]:
     """(image, boxes, ann_ids, image_id) of the first n images of a COCO-keypoints file, and
     the ground truth restricted to them."""
-    import cv2
-    from locllm_training.data import _guess_image_dir
+    from locllm_sdk.coco_files import guess_image_dir
+    from locllm_sdk.crop import load_image
 
     doc = json.loads(gt_json.read_text())
-    image_dir = _guess_image_dir(gt_json, doc)
+    image_dir = guess_image_dir(gt_json, doc)
     anns: dict[int, list] = {}
     for a in doc["annotations"]:
         if not a.get("iscrowd") and a.get("num_keypoints", 1) > 0:
@@ -66,7 +66,7 @@ def gt_images(gt_json: Path, n: int) -> tuple[list, dict]:
     for im in doc["images"]:
         if im["id"] not in anns:
             continue
-        img = cv2.cvtColor(cv2.imread(str(image_dir / im["file_name"])), cv2.COLOR_BGR2RGB)
+        img = load_image(image_dir / im["file_name"], exif_orientation=False)
         data.append((img, [a["bbox"] for a in anns[im["id"]]], [a["id"] for a in anns[im["id"]]], im["id"]))
         if len(data) >= n:
             break
@@ -140,15 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         data = test_images(args.images, args.seed)
     reference = Pose(args.checkpoint, backend="torch", decoding=args.decoding)
     rows, failed = [], False
-    for backend in manifest["backends"]:
+    for backend in manifest.backends:
         try:
             candidate = Pose(args.engine, backend=backend, decoding=args.decoding)
         except Exception as e:  # a backend this machine cannot run is reported, not hidden
             rows.append({"backend": backend, "status": f"not run: {e}"})
             continue
-        entry = manifest["backends"][backend]
+        entry = manifest.backends[backend]
         # a backend may record its own decoder precision (tensorrt: fp16/bf16/fp8)
-        precision = entry.get("decoder_precision") or manifest.get("precision", {}).get("decoder", "?")
+        precision = getattr(entry, "decoder_precision", None) or manifest.precision.decoder
         r = compare(reference, candidate, data, keypoints)
         claims_parity = precision == "fp32"
         if gt_doc is not None:

@@ -68,14 +68,14 @@ def person_flops(manifest: dict, prefix_len: int, tails: list[int], answer_token
     tail (its suffix after the common head) plus the ``answer_tokens`` it is fed, and the
     vocabulary projection at ``logits_per_row`` positions per row (pads not counted).
     Linear layers 2*params*tokens, attention 4*hidden*queries*keys per layer."""
-    m = manifest["model"]
-    h, layers, v = m["hidden_size"], m["num_layers"], m["vocab_size"]
-    vh, vl = m["vision_hidden_size"], m["vision_layers"]
-    if "decoder_layer_parameters" not in m:
+    m = manifest.model
+    h, layers, v = m.hidden_size, m.num_layers, m.vocab_size
+    vh, vl = m.vision_hidden_size, m.vision_layers
+    if m.decoder_layer_parameters is None or m.vision_parameters is None:
         raise ValueError("this engine's manifest predates the per-part parameter counts: rebuild it for FLOPs")
-    lm_params = m["decoder_layer_parameters"]
-    vit_tokens = m["num_patches"] + 1
-    vit = 2 * m["vision_parameters"] * vit_tokens + vl * 4 * vit_tokens * vit_tokens * vh
+    lm_params = m.decoder_layer_parameters
+    vit_tokens = m.num_patches + 1
+    vit = 2 * m.vision_parameters * vit_tokens + vl * 4 * vit_tokens * vit_tokens * vh
     rows = [t + answer_tokens for t in tails]
     lm_tokens = prefix_len + sum(rows)
     attn = layers * 4 * h * (prefix_len * prefix_len / 2 + sum(r * (prefix_len + r / 2) for r in rows))
@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from locllm_sdk import Pose
-    from locllm_sdk.crop import crop_geometry, normalize, warp
-    from locllm_sdk.engine import read_manifest
+    from locllm_sdk.crop import crop_geometry
+    from locllm_sdk.manifest import read_manifest
+    from locllm_sdk.pipeline import crop_batch
     from locllm_sdk.protocol import PromptTokenizer
     from locllm_training.model import load_checkpoint
     from locllm_training.reference import reference_locate
@@ -193,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_model = load_checkpoint(ckpt) if "reference" in methods else None
     tok = PromptTokenizer.from_dir(ckpt)
 
+    pixels = crop_batch(img, [crop_geometry(box, img.shape[:2], ort_pose.spec.image_size)], ort_pose.spec)
+
     def run_reference():
-        g = crop_geometry(box, img.shape[:2], ref_model.config.image_size)
-        px = normalize(warp(img, g)[None])
-        return reference_locate(ref_model, tok, px, [(r.name, r.description) for r in requests])[0]
+        return reference_locate(ref_model, tok, pixels, [(r.name, r.description) for r in requests])[0]
 
     runners = {
         "reference": run_reference,
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "model": label,
-        "parameters": manifest["model"]["parameters"],
+        "parameters": manifest.model.parameters,
         "keypoints": k,
         "persons": 1,
         "reps": args.reps,
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(
-        f"{label}: {manifest['model']['parameters'] / 1e6:.1f}M params, {k} keypoints, 1 person, "
+        f"{label}: {manifest.model.parameters / 1e6:.1f}M params, {k} keypoints, 1 person, "
         f"{args.reps} reps (medians), matmul peak {gflops:.0f} GFLOP/s"
     )
     print(f"{'method':<12}{'p50 ms':>10}{'p90 ms':>10}{'kpt/s':>10}{'persons/s':>11}{'passes/kpt':>12}{'speedup':>9}")
@@ -311,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     save(result, args.out, label)
-    g = crop_geometry(box, img.shape[:2], ort_pose.spec.image_size)
-    pixels = normalize(warp(img, g)[None], ort_pose.spec.norm_mean, ort_pose.spec.norm_std)
     if "ablation" in sections:
         result["ablation"] = ablation_ladder(ort_pose, pixels, requests, args.reps, args.warmup)
         save(result, args.out, label)

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report.summary())
     if nvidia:
         from locllm_export.tensorrt_build import GpuBuildUnavailable, build_tensorrt_targets
-        from locllm_sdk.engine import EngineError
+        from locllm_sdk.errors import EngineError
 
         try:
             result = build_tensorrt_targets(args.output, args.checkpoint, opts)
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dry_run(args, targets: list[str], opts) -> int:
     """Print the plan from the checkpoint's facts (pure: no torch, no TensorRT, no GPU)."""
     from locllm_export.tensorrt_plan import ModelFacts, PlanError, format_plan, make_plan
-    from locllm_sdk.engine import EngineError, read_manifest
+    from locllm_sdk.errors import EngineError
+    from locllm_sdk.manifest import read_manifest
 
     existing = None
     if "onnx" not in targets:

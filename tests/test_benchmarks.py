@@ -58,7 +58,7 @@ def test_flop_model_matches_counted_flops(trained):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import throughput
     from locllm_sdk import Pose
-    from locllm_sdk.engine import read_manifest
+    from locllm_sdk.manifest import read_manifest
 
     ckpt, engine = trained[2]
     pose = Pose(ckpt, backend="torch")

@@ -39,7 +39,7 @@ def test_engine_cache_is_keyed_by_content(trained, tmp_path, monkeypatch):
     assert (first / "decoder_shared.onnx").stat().st_mtime_ns == built
     assert Pose(first).spec.coord_dims == 2
     # a cached engine whose graphs are of an older revision is rebuilt in place
-    from locllm_sdk.engine import GRAPH_REVISION
+    from locllm_sdk.manifest import GRAPH_REVISION
 
     manifest = json.loads((first / "manifest.json").read_text())
     assert manifest["graph_revision"] == GRAPH_REVISION

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from locllm_export.build import ExportVerificationError, build_onnx_engine, check_merge, verify_onnx
-from locllm_sdk.engine import read_manifest, sha256_file
+from locllm_sdk.manifest import read_manifest, sha256_file
 from locllm_training.model import LocLLM, load_checkpoint, merge_lora
 from onnx import numpy_helper
 
@@ -47,10 +47,10 @@ def test_cli_builds_engine_with_manifest(tiny_checkpoint, tmp_path):
     assert "decoder cached step max rel diff" in run.stdout
     assert "cascade step (onnx) max rel diff" in run.stdout
     m = read_manifest(out)
-    assert m["model"]["num_patches"] == 256 and m["model"]["coord_dims"] == 2
-    assert m["tokenizer"]["im_patch_id"] == 32000
-    assert len(m["tokenizer"]["digit_ids"]) == 10
-    assert set(m["files"]) >= {
+    assert m.model.num_patches == 256 and m.model.coord_dims == 2
+    assert m.tokenizer.im_patch_id == 32000
+    assert len(m.tokenizer.digit_ids) == 10
+    assert set(m.files) >= {
         "vision.onnx",
         "decoder.onnx",
         "decoder_shared.onnx",
@@ -59,9 +59,9 @@ def test_cli_builds_engine_with_manifest(tiny_checkpoint, tmp_path):
         "tokenizer/tokenizer.model",
         "tokenizer/tokenizer_config.json",
     }
-    for name, meta in m["files"].items():
-        assert sha256_file(out / name) == meta["sha256"]
-    assert m["built_with"]["transformers"].startswith("4.57")
+    for name, meta in m.files.items():
+        assert sha256_file(out / name) == meta.sha256
+    assert m.built_with["transformers"].startswith("4.57")
     # no partial directory is left behind, and a second build refuses to overwrite
     assert not (tmp_path / "engine.partial").exists()
     again = subprocess.run(
@@ -82,7 +82,7 @@ def test_cli_builds_engine_with_manifest(tiny_checkpoint, tmp_path):
 def test_verification_fails_on_a_corrupted_graph(tiny_checkpoint, tmp_path):
     engine = tmp_path / "engine"
     build_onnx_engine(tiny_checkpoint, engine)
-    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest = read_manifest(engine).backend("onnxruntime")
     merged = merge_lora(load_checkpoint(tiny_checkpoint))
     verify_onnx(engine, merged, manifest)  # intact: passes
     graph = onnx.load(str(engine / "decoder.onnx"))

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -303,8 +304,9 @@ def _fake_probes(monkeypatch, gpu, trt, ort_cuda, here=BUILT):
     monkeypatch.setattr(gpu_logic, "this_machine", lambda device=0: dict(here))
 
 
-ONNX_ONLY = {"backends": {"onnxruntime": {}}}
-WITH_TRT = {"backends": {"onnxruntime": {}, "tensorrt": {}}, "build_machine": BUILT}
+# choose_backend reads only which backends an engine has and its build machine
+ONNX_ONLY = SimpleNamespace(backends={"onnxruntime": None}, build_machine=None)
+WITH_TRT = SimpleNamespace(backends={"onnxruntime": None, "tensorrt": None}, build_machine=BUILT)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +338,7 @@ def test_auto_without_any_runnable_backend(monkeypatch):
 
     _fake_probes(monkeypatch, False, False, False)
     with pytest.raises(EngineError):
-        choose_backend({"backends": {"tensorrt": {}}, "build_machine": BUILT})
+        choose_backend(SimpleNamespace(backends={"tensorrt": None}, build_machine=BUILT))
 
 
 def test_real_probes_on_this_machine():
@@ -471,7 +473,7 @@ def test_lengths_beyond_the_model_are_refused():
 
 def test_manifest_entries_name_checksummed_files():
     from locllm_export.tensorrt_plan import BuildOptions, make_plan, manifest_entries
-    from locllm_sdk.engine import files_of_backend
+    from locllm_sdk.manifest import TensorRTEntry
 
     plan = make_plan(_facts(), BuildOptions())
     entries = manifest_entries(plan, BUILT, {"vision_min_token_cosine": 0.9999})
@@ -491,8 +493,7 @@ def test_manifest_entries_name_checksummed_files():
             "vision.onnx",
         )
     }
-    manifest = {"backends": {"tensorrt": trt}, "files": files}
-    own = files_of_backend(manifest, "tensorrt")
+    own = [n for n in TensorRTEntry.from_dict(trt).files() if n in files]
     assert {trt["vision_plan"], trt["trtllm_engine"], trt["trtllm_config"]} <= set(own)
     assert "vision.onnx" not in own
     json.dumps(entries)  # serialisable
@@ -500,12 +501,12 @@ def test_manifest_entries_name_checksummed_files():
 
 def test_facts_from_checkpoint_and_manifest_agree(tiny_checkpoint, onnx_engine):
     from locllm_export.tensorrt_plan import ModelFacts
-    from locllm_sdk.engine import read_manifest
+    from locllm_sdk.manifest import read_manifest
 
     a = ModelFacts.from_checkpoint(tiny_checkpoint)
     b = ModelFacts.from_manifest(onnx_engine, read_manifest(onnx_engine))
     assert a == b
-    assert a.prefix_len == len(read_manifest(onnx_engine)["tokenizer"]["prefix_ids"])
+    assert a.prefix_len == len(read_manifest(onnx_engine).tokenizer.prefix_ids)
 
 
 # ------------------------------------------------------------------------------------------

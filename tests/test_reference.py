@@ -2,8 +2,9 @@
 
 import numpy as np
 from locllm_sdk import Pose
-from locllm_sdk.crop import crop_geometry, normalize, warp
+from locllm_sdk.crop import crop_geometry
 from locllm_sdk.descriptions import DescriptionLibrary
+from locllm_sdk.pipeline import crop_batch
 from locllm_sdk.protocol import PromptTokenizer
 from locllm_training.model import load_checkpoint
 from locllm_training.reference import reference_locate
@@ -24,7 +25,8 @@ def test_free_decoding_reproduces_the_official_procedure(trained):
             img = rng.integers(0, 255, (180, 140, 3)).astype(np.uint8)
             box = [5.0, 10.0, 120.0, 160.0]
             g = crop_geometry(box, img.shape[:2], model.config.image_size)
-            ref = reference_locate(model, tok, normalize(warp(img, g)[None]), [(n, lib.descriptions[n]) for n in NAMES])
+            pixels = crop_batch(img, [g], free_ort.spec)  # the model's own normalisation
+            ref = reference_locate(model, tok, pixels, [(n, lib.descriptions[n]) for n in NAMES])
             for pose in (free_torch, free_ort):
                 got = pose.locate(img, NAMES, boxes=[box])
                 assert [k.answer for k in got[0]] == [a.text for a in ref[0]]

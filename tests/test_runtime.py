@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from locllm_sdk import BoxError, EngineError, ImageError, Pose, UnknownKeypointError
+from locllm_sdk.pipeline import crop_bytes, row_bytes, row_chunks
 
 KEYPOINTS = ["nose", "left eye", "right shoulder", "left wrist", "right hip", "neck", "pelvis", "left ankle"]
 
@@ -291,11 +292,14 @@ def test_chunked_decoding_gives_the_same_answers(trained, decoding):
     """A tiny KV budget splits the rows into many chunks: the answers must not change."""
     _, engine = trained[2]
     whole = Pose(engine, decoding=decoding)
-    chunked = Pose(engine, decoding=decoding, kv_budget_mb=0.05)
+    chunked = Pose(engine, decoding=decoding, memory_budget_mb=0.05)
     rng = np.random.default_rng(9)
     img = images(1, seed=60)[0]
     boxes = boxes_for(img, rng, 3)
-    assert len(chunked._row_chunks(3, len(KEYPOINTS), 60, len(chunked.spec.prefix_ids))) > 2
+    chunks = row_chunks(
+        chunked.spec, chunked.backend, 3, len(KEYPOINTS), 60, len(chunked.spec.prefix_ids), decoding, 0.05
+    )
+    assert len(chunks) > 2
     a, b = whole.locate(img, KEYPOINTS, boxes), chunked.locate(img, KEYPOINTS, boxes)
     assert [[k.answer for k in p] for p in a] == [[k.answer for k in p] for p in b]
     assert np.allclose(a.numpy(), b.numpy(), atol=1e-5)
@@ -393,9 +397,15 @@ def test_common_head_in_the_prefix_gives_the_same_answers(trained, dims):
 
 def test_kv_budget_counts_only_row_tokens_with_cascade(trained):
     _, engine = trained[2]
-    pose = Pose(engine, kv_budget_mb=0.3)
-    chunks = pose._row_chunks(4, len(KEYPOINTS), 60, len(pose.spec.prefix_ids))
-    # whole persons per chunk; per-row bytes exclude the (shared) prefix
-    assert all(len(c) % len(KEYPOINTS) == 0 for c in chunks)
-    per_row = pose.spec.kv_bytes_per_token * (60 + len(pose.spec.grammar.slots))
-    assert max(map(len, chunks)) <= 0.3 * 2**20 / per_row
+    pose = Pose(engine)
+    prefix_len = len(pose.spec.prefix_ids)
+    per_row = row_bytes(pose.spec, pose.backend, 60 + len(pose.spec.grammar.slots), prefix_len)
+    # per-row bytes exclude the (shared) prefix
+    assert per_row == row_bytes(pose.spec, pose.backend, 60 + len(pose.spec.grammar.slots), 10 * prefix_len)
+    # the budget: the 4 crops' own working set + room for the rows of 2.5 persons
+    rows_room = 2.5 * len(KEYPOINTS) * per_row
+    budget = (4 * crop_bytes(pose.spec, prefix_len) + rows_room) / 2**20
+    chunks = row_chunks(pose.spec, pose.backend, 4, len(KEYPOINTS), 60, prefix_len, "constrained", budget)
+    # whole persons per chunk
+    assert all(len(c) % len(KEYPOINTS) == 0 for c in chunks) and len(chunks) == 2
+    assert max(map(len, chunks)) <= rows_room / per_row

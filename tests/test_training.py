@@ -194,10 +194,10 @@ def test_delta_checkpoint_stores_only_differences_and_checks_its_parent(tiny_che
         assert torch.equal(again.state_dict()[k], v), k
     from locllm_export.build import build_onnx_engine
     from locllm_sdk.demo import checkpoint_digest
-    from locllm_sdk.engine import read_manifest
+    from locllm_sdk.manifest import read_manifest
 
     manifest = read_manifest(build_onnx_engine(child, tmp_path / "engine").engine_dir)
-    assert manifest["model"]["parent_checkpoint_sha256"] == [ref["sha256"]]
+    assert list(manifest.model.parent_checkpoint_sha256) == [ref["sha256"]]
     engine_key = checkpoint_digest(child)
 
     # the parent changes under it: the child refuses to load instead of mixing weights

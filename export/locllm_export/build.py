@@ -12,9 +12,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from locllm_sdk.descriptions import default_library_path
-from locllm_sdk.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, GRAPH_REVISION, MANIFEST, sha256_file
+from locllm_sdk.manifest import (
+    DESCRIPTIONS_FILE,
+    ORT_CPU,
+    TOKENIZER_DIR,
+    VISION_INPUT,
+    VISION_OUTPUT,
+    EngineManifest,
+    ModelInfo,
+    OnnxRuntimeEntry,
+    TokenizerInfo,
+    decoder_io_names,
+    files_section,
+    sha256_file,
+    shared_step_io_names,
+)
 from locllm_sdk.protocol import PROTOCOL_VERSION, PromptTokenizer, build_grammar
-from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
+from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past, head_dim_of
 from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
 from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
@@ -81,25 +95,25 @@ def check_merge(unmerged: LocLLM, merged: LocLLM) -> float:
     return worst
 
 
-def verify_onnx(engine_dir: Path, merged: LocLLM, manifest: dict) -> dict:
+def verify_onnx(engine_dir: Path, merged: LocLLM, files: OnnxRuntimeEntry) -> dict:
     """Run the exported graphs in ONNX Runtime against the merged torch model: the vision
     tower on fixed crops; the decoder as a prefill from an empty cache then a multi-token
     step on top of it with right padding (the runtime's exact pattern)."""
     import onnxruntime as ort
 
-    files = manifest["backends"]["onnxruntime"]
-    vision = ort.InferenceSession(str(engine_dir / files["vision"]), providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(str(engine_dir / files["decoder"]), providers=["CPUExecutionProvider"])
+    vision = ort.InferenceSession(str(engine_dir / files.vision), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(engine_dir / files.decoder), providers=["CPUExecutionProvider"])
     pixels, ids = _fixed_inputs(merged)
     with torch.inference_mode():
         ref_img = VisionTower(merged)(pixels).numpy()
-    got_img = vision.run(["image_tokens"], {"pixel_values": pixels.numpy()})[0]
+    got_img = vision.run([VISION_OUTPUT], {VISION_INPUT: pixels.numpy()})[0]
     checks = {"vision max rel diff": _rel_diff(got_img, ref_img)}
 
     step = DecoderStep(merged.llm).eval()
     cfg = merged.llm.config
     n_layers = cfg.num_hidden_layers
-    past_names = [n for i in range(n_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
+    step_names, _ = decoder_io_names(n_layers)
+    past_names = step_names[4:]
     with torch.inference_mode():
         embeds = merged.embed_tokens(ids)
     b, t = ids.shape
@@ -107,12 +121,7 @@ def verify_onnx(engine_dir: Path, merged: LocLLM, manifest: dict) -> dict:
     pos = torch.arange(t).repeat(b, 1)
     index = torch.tensor([[t - 1], [t - 2]])
     ref_logits, ref_past = _run_step(step, embeds, mask, pos, index, empty_past(cfg, b))
-    feeds = {
-        "inputs_embeds": embeds.numpy(),
-        "attention_mask": mask.numpy(),
-        "position_ids": pos.numpy(),
-        "logits_index": index.numpy(),
-    }
+    feeds = dict(zip(step_names, (embeds.numpy(), mask.numpy(), pos.numpy(), index.numpy())))
     feeds.update({n: p.numpy() for n, p in zip(past_names, empty_past(cfg, b))})
     out = decoder.run(None, feeds)
     d1 = _rel_diff(out[0], ref_logits.numpy())
@@ -123,21 +132,16 @@ def verify_onnx(engine_dir: Path, merged: LocLLM, manifest: dict) -> dict:
     pos2 = torch.tensor([[t, t + 1, t + 2], [t, t + 1, t + 1]])
     index2 = torch.tensor([[2, 0], [1, 0]])
     ref2, _ = _run_step(step, new, mask2, pos2, index2, ref_past)
-    feeds2 = {
-        "inputs_embeds": new.numpy(),
-        "attention_mask": mask2.numpy(),
-        "position_ids": pos2.numpy(),
-        "logits_index": index2.numpy(),
-    }
+    feeds2 = dict(zip(step_names, (new.numpy(), mask2.numpy(), pos2.numpy(), index2.numpy())))
     feeds2.update(dict(zip(past_names, out[1:])))
     out2 = decoder.run(None, feeds2)
     d2 = _rel_diff(out2[0], ref2.numpy())
     checks["decoder prefill max rel diff"] = d1
     checks["decoder cached step max rel diff"] = d2
-    if files.get("decoder_shared"):
+    if files.decoder_shared:
         # cascade step: the prefill's 2 rows as 2 crops, 2 rows each, one right-padded; it must
         # agree with the plain step over copied prefixes, in torch and in ONNX Runtime
-        shared = ort.InferenceSession(str(engine_dir / files["decoder_shared"]), providers=["CPUExecutionProvider"])
+        shared = ort.InferenceSession(str(engine_dir / files.decoder_shared), providers=["CPUExecutionProvider"])
         rows = torch.tensor([0, 0, 1, 1])
         new4 = torch.randn(4, 3, cfg.hidden_size, generator=g)
         own = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
@@ -148,14 +152,9 @@ def verify_onnx(engine_dir: Path, merged: LocLLM, manifest: dict) -> dict:
         ref4, _ = _run_step(step, new4, mask4, pos4, index4, copied)
         with torch.inference_mode():
             torch4 = SharedPrefixStep(merged.llm).eval()(new4, own, pos4, index4, *ref_past, *empty_past(cfg, 4))[0]
-        prefix_names = [n for i in range(n_layers) for n in (f"prefix_key_{i}", f"prefix_value_{i}")]
-        feeds4 = {
-            "inputs_embeds": new4.numpy(),
-            "attention_mask": own.numpy(),
-            "position_ids": pos4.numpy(),
-            "logits_index": index4.numpy(),
-        }
-        feeds4.update(dict(zip(prefix_names, out[1:])))
+        shared_names = shared_step_io_names(n_layers)[0]
+        feeds4 = dict(zip(shared_names, (new4.numpy(), own.numpy(), pos4.numpy(), index4.numpy())))
+        feeds4.update(dict(zip(shared_names[4 : 4 + 2 * n_layers], out[1:])))
         feeds4.update({n: p.numpy() for n, p in zip(past_names, empty_past(cfg, 4))})
         got4 = shared.run(None, feeds4)[0]
         checks["cascade step (torch) max rel diff"] = _rel_diff(torch4.numpy(), ref4.numpy())
@@ -245,15 +244,32 @@ def _build_onnx_engine(
     notes: list[str] | None = None,
 ) -> BuildReport:
     start = time.perf_counter()
-    if output.exists():
-        if not overwrite and any(output.iterdir()):
-            raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(output)
+    if output.exists() and not overwrite and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
     tmp = output.with_name(output.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     report = BuildReport(output)
+    try:
+        _write_engine(checkpoint, tmp, report, source, source_format, notes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted or failed build leaves nothing
+        raise
+    # the engine appears only once complete and verified; a replaced one goes only then
+    old = output.with_name(output.name + ".old")
+    if output.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_engine(
+    checkpoint: Path, tmp: Path, report: BuildReport, source: Path | None, source_format: str, notes: list[str] | None
+) -> None:
 
     torch.manual_seed(0)
     unmerged = load_checkpoint(checkpoint, with_lora=True)
@@ -268,77 +284,68 @@ def _build_onnx_engine(
     export_decoder(merged, tmp / "decoder.onnx")
     export_shared_step(merged, tmp / "decoder_shared.onnx")
     np.save(tmp / "embeddings.npy", merged.llm.get_input_embeddings().weight.detach().float().numpy())
-    (tmp / "tokenizer").mkdir()
+    (tmp / TOKENIZER_DIR).mkdir()
     for name in TOKENIZER_FILES:
         if (checkpoint / name).exists():
-            shutil.copyfile(checkpoint / name, tmp / "tokenizer" / name)
-    shutil.copyfile(default_library_path(), tmp / "descriptions.yaml")
+            shutil.copyfile(checkpoint / name, tmp / TOKENIZER_DIR / name)
+    shutil.copyfile(default_library_path(), tmp / DESCRIPTIONS_FILE)
 
     llm = merged.llm.config
-    head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
-    manifest = {
-        "format": ENGINE_FORMAT,
-        "format_version": ENGINE_FORMAT_VERSION,
-        "graph_revision": GRAPH_REVISION,
-        "protocol_version": PROTOCOL_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {
-            "source_checkpoint": str(source or checkpoint),
-            "source_format": source_format,
-            "checkpoint_sha256": _weights_sha256(checkpoint),
-            # a delta checkpoint's own file holds only its differences: name what it sits on
-            "parent_checkpoint_sha256": _parent_sha256(checkpoint),
-            "coord_dims": cfg.coord_dims,
-            "image_size": cfg.image_size,
-            "patch_size": cfg.patch_size,
-            "num_patches": cfg.num_patches,
-            "norm_mean": list(cfg.norm_mean),
-            "norm_std": list(cfg.norm_std),
-            "vision_hidden_size": merged.vision.config.hidden_size,
-            "vision_layers": merged.vision.config.num_hidden_layers,
-            "hidden_size": llm.hidden_size,
-            "vocab_size": llm.vocab_size,
-            "num_layers": llm.num_hidden_layers,
-            "num_heads": llm.num_attention_heads,
-            "num_kv_heads": llm.num_key_value_heads or llm.num_attention_heads,
-            "head_dim": head_dim,
-            "max_position_embeddings": llm.max_position_embeddings,
-            "parameters": sum(p.numel() for p in merged.parameters()),
-            # per part, for FLOP accounting (tied or untied embeddings, any ViT width ratio)
-            "vision_parameters": sum(p.numel() for p in merged.vision.parameters())
-            + sum(p.numel() for p in merged.projector.parameters()),
-            "decoder_layer_parameters": sum(p.numel() for p in merged.llm.model.layers.parameters()),
-        },
-        "tokenizer": {
-            "dir": "tokenizer",
-            "legacy": tokenizer.spec.legacy,
-            "bos_id": tokenizer.spec.bos_id,
-            "eos_id": tokenizer.spec.eos_id,
-            "pad_id": tokenizer.spec.pad_id,
-            "im_patch_id": tokenizer.spec.im_patch_id,
-            "digit_ids": list(grammar.digit_ids),
-            "answer_grammar": grammar.to_dict(),
-            "prefix_ids": tokenizer.prefix_ids(cfg.num_patches),
-        },
-        "precision": {"vision": "fp32", "decoder": "fp32", "lora": "merged-fp32"},
-        "backends": {
-            "onnxruntime": {
-                "vision": "vision.onnx",
-                "decoder": "decoder.onnx",
-                "decoder_shared": "decoder_shared.onnx",
-                "embeddings": "embeddings.npy",
-                "opset": OPSET,
-            }
-        },
-        "built_with": _versions(),
-    }
-    report.checks.update(verify_onnx(tmp, merged, manifest))
-    manifest["verification"] = {k: float(v) for k, v in report.checks.items()}
-    if notes:
-        manifest["model"]["conversion_notes"] = notes
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(output)  # the engine appears only once complete and verified
-    report.seconds = time.perf_counter() - start
-    return report
+    heads = llm.num_attention_heads
+    model = ModelInfo(
+        source_checkpoint=str(source or checkpoint),
+        source_format=source_format,
+        checkpoint_sha256=_weights_sha256(checkpoint),
+        parent_checkpoint_sha256=tuple(_parent_sha256(checkpoint)),
+        coord_dims=cfg.coord_dims,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_patches=cfg.num_patches,
+        norm_mean=tuple(cfg.norm_mean),
+        norm_std=tuple(cfg.norm_std),
+        vision_hidden_size=merged.vision.config.hidden_size,
+        vision_layers=merged.vision.config.num_hidden_layers,
+        hidden_size=llm.hidden_size,
+        vocab_size=llm.vocab_size,
+        num_layers=llm.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=llm.num_key_value_heads or heads,
+        head_dim=head_dim_of(llm),
+        max_position_embeddings=llm.max_position_embeddings,
+        parameters=sum(p.numel() for p in merged.parameters()),
+        vision_parameters=sum(p.numel() for p in merged.vision.parameters())
+        + sum(p.numel() for p in merged.projector.parameters()),
+        decoder_layer_parameters=sum(p.numel() for p in merged.llm.model.layers.parameters()),
+        conversion_notes=tuple(notes or ()),
+    )
+    spec = tokenizer.spec
+    tokenizer_info = TokenizerInfo(
+        legacy=spec.legacy,
+        bos_id=spec.bos_id,
+        eos_id=spec.eos_id,
+        pad_id=spec.pad_id,
+        im_patch_id=spec.im_patch_id,
+        digit_ids=tuple(grammar.digit_ids),
+        answer_grammar=grammar.to_dict(),
+        prefix_ids=tuple(tokenizer.prefix_ids(cfg.num_patches)),
+        dir=TOKENIZER_DIR,
+    )
+    onnx_files = OnnxRuntimeEntry(
+        vision="vision.onnx",
+        decoder="decoder.onnx",
+        decoder_shared="decoder_shared.onnx",
+        embeddings="embeddings.npy",
+        opset=OPSET,
+    )
+    report.checks.update(verify_onnx(tmp, merged, onnx_files))
+    manifest = EngineManifest(
+        model=model,
+        tokenizer=tokenizer_info,
+        backends={ORT_CPU: onnx_files},
+        files=files_section(tmp),
+        protocol_version=PROTOCOL_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        built_with=_versions(),
+        verification={k: float(v) for k, v in report.checks.items()},
+    )
+    manifest.write(tmp)

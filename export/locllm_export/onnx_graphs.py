@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from locllm_sdk.manifest import LOGITS, STEP_INPUTS, VISION_INPUT, VISION_OUTPUT, decoder_io_names, shared_step_io_names
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
 from locllm_training.model import LocLLM
 
@@ -26,9 +27,9 @@ def export_vision_module(module: torch.nn.Module, image_size: int, path: Path, o
             module,
             (dummy,),
             str(path),
-            input_names=["pixel_values"],
-            output_names=["image_tokens"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "image_tokens": {0: "batch"}},
+            input_names=[VISION_INPUT],
+            output_names=[VISION_OUTPUT],
+            dynamic_axes={VISION_INPUT: {0: "batch"}, VISION_OUTPUT: {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
@@ -36,18 +37,14 @@ def export_vision_module(module: torch.nn.Module, image_size: int, path: Path, o
 
 # dynamic axes of the inputs and outputs both decoder graphs share
 STEP_AXES = {
-    "inputs_embeds": {0: "batch", 1: "step"},
-    "attention_mask": {0: "batch", 1: "total"},
-    "position_ids": {0: "batch", 1: "step"},
-    "logits_index": {0: "batch", 1: "k"},
-    "logits": {0: "batch", 1: "k"},
+    **dict(
+        zip(
+            STEP_INPUTS,
+            ({0: "batch", 1: "step"}, {0: "batch", 1: "total"}, {0: "batch", 1: "step"}, {0: "batch", 1: "k"}),
+        )
+    ),
+    LOGITS: {0: "batch", 1: "k"},
 }
-
-
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [n for i in range(num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
-    present = [n for i in range(num_layers) for n in (f"present_key_{i}", f"present_value_{i}")]
-    return ["inputs_embeds", "attention_mask", "position_ids", "logits_index", *past], ["logits", *present]
 
 
 def export_decoder(model: LocLLM, path: Path, opset: int = OPSET) -> None:
@@ -74,12 +71,6 @@ def export_decoder(model: LocLLM, path: Path, opset: int = OPSET) -> None:
     for n in out_names[1:]:
         dyn[n] = {0: "batch", 2: "total"}
     _export(step, inputs, path, in_names, out_names, dyn, opset)
-
-
-def shared_step_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    prefix = [n for i in range(num_layers) for n in (f"prefix_key_{i}", f"prefix_value_{i}")]
-    ins, outs = decoder_io_names(num_layers)
-    return [*ins[:4], *prefix, *ins[4:]], outs
 
 
 def export_shared_step(model: LocLLM, path: Path, opset: int = OPSET) -> None:

@@ -22,8 +22,6 @@ API facts used (checked against the TensorRT 10 Python API docs and TensorRT-LLM
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from locllm_sdk.backends import gpu_logic
-from locllm_sdk.engine import MANIFEST, read_manifest, sha256_file
+from locllm_sdk.manifest import TENSORRT, EngineManifest, files_section
 
 from .build import ExportVerificationError
 from .onnx_graphs import OPSET, export_vision_module
@@ -47,7 +45,7 @@ from .tensorrt_plan import (
     TensorRTPlan,
     VisionPlan,
     make_plan,
-    manifest_entries,
+    tensorrt_entry,
 )
 
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -300,12 +298,6 @@ def run_trtllm_build(argv: list[str]) -> None:
 # Orchestration
 
 
-def _write_manifest(engine_dir: Path, manifest: dict) -> None:
-    tmp = engine_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, engine_dir / MANIFEST)
-
-
 def build_tensorrt_targets(engine_dir: str | Path, checkpoint: str | Path, opts: BuildOptions) -> dict:
     """Add ``backends.tensorrt`` to an existing (ONNX-built, verified) engine directory.
 
@@ -316,7 +308,7 @@ def build_tensorrt_targets(engine_dir: str | Path, checkpoint: str | Path, opts:
     from locllm_training.model import load_checkpoint
 
     engine_dir, checkpoint = Path(engine_dir), Path(checkpoint)
-    manifest = read_manifest(engine_dir)
+    manifest = EngineManifest.read(engine_dir)
     machine = probe_build_machine()
     facts = ModelFacts.from_manifest(engine_dir, manifest)
     out_dir = engine_dir / TRT_DIR
@@ -325,13 +317,15 @@ def build_tensorrt_targets(engine_dir: str | Path, checkpoint: str | Path, opts:
     for name in (VISION_TIMING_CACHE, TRTLLM_TIMING_CACHE):
         if (engine_dir / name).is_file():
             caches[name] = (engine_dir / name).read_bytes()
-    if "tensorrt" in manifest["backends"] or out_dir.exists():
+    if TENSORRT in manifest.backends or out_dir.exists():
         # A rebuild: first make the directory a consistent ONNX-only engine again, so a failed
         # build never leaves a manifest naming TensorRT files that are gone.
-        manifest["backends"].pop("tensorrt", None)
-        manifest.pop("build_machine", None)
-        manifest["files"] = {n: m for n, m in manifest["files"].items() if not n.startswith(TRT_DIR + "/")}
-        _write_manifest(engine_dir, manifest)
+        manifest = manifest.replace(
+            backends={n: e for n, e in manifest.backends.items() if n != TENSORRT},
+            build_machine=None,
+            files={n: m for n, m in manifest.files.items() if not n.startswith(TRT_DIR + "/")},
+        )
+        manifest.write(engine_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
     for name, data in caches.items():
@@ -351,16 +345,12 @@ def build_tensorrt_targets(engine_dir: str | Path, checkpoint: str | Path, opts:
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    entries = manifest_entries(plan, machine, {**parity, "decoder": "run benchmarks/parity.py on this machine"})
-    entries["backends"]["tensorrt"]["build_flags"]["vision_used"] = vision_used
-    manifest["backends"].update(entries["backends"])
-    manifest["build_machine"] = entries["build_machine"]
-    for p in sorted(out_dir.rglob("*")):
-        if p.is_file():
-            manifest["files"][str(p.relative_to(engine_dir))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    for key in ("vision_plan", "trtllm_engine", "trtllm_config"):
-        name = manifest["backends"]["tensorrt"][key]
-        if name not in manifest["files"]:
+    entry = tensorrt_entry(plan, {**parity, "decoder": "run benchmarks/parity.py on this machine"}, vision_used)
+    files = dict(manifest.files)
+    files.update({f"{TRT_DIR}/{n}": e for n, e in files_section(out_dir).items()})
+    for name in entry.files():
+        if name not in files:
             raise ExportVerificationError(f"the build did not produce {name}")
-    _write_manifest(engine_dir, manifest)
+    manifest = manifest.replace(backends={**manifest.backends, TENSORRT: entry}, build_machine=machine, files=files)
+    manifest.write(engine_dir)
     return {"build_machine": machine, "vision": vision_used, "parity": parity, "plan": plan}

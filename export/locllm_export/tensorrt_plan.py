@@ -20,6 +20,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from locllm_sdk.loader import ModelSpec
+from locllm_sdk.manifest import TENSORRT, VISION_INPUT, VISION_OUTPUT, EngineManifest, TensorRTEntry
 from locllm_sdk.protocol import MAX_NEW_TOKENS, PromptTokenizer
 
 DECODER_PRECISIONS = ("fp16", "bf16", "fp8")
@@ -61,39 +63,26 @@ class ModelFacts:
     library_suffix_len: int  # longest round of the description library
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, library=None) -> ModelFacts:
-        checkpoint = Path(checkpoint)
-        cfg = json.loads((checkpoint / "config.json").read_text())
-        tokenizer = PromptTokenizer.from_dir(checkpoint)
-        num_patches = (int(cfg["image_size"]) // int(cfg["patch_size"])) ** 2
-        llm = cfg["llm"]
+    def from_spec(cls, spec: ModelSpec, library=None) -> ModelFacts:
         return cls(
-            image_size=int(cfg["image_size"]),
-            num_patches=num_patches,
-            coord_dims=int(cfg["coord_dims"]),
-            vision_hidden_size=int(cfg["vision"]["hidden_size"]),
-            hidden_size=int(llm["hidden_size"]),
-            vocab_size=int(llm["vocab_size"]),
-            num_layers=int(llm["num_hidden_layers"]),
-            max_position_embeddings=int(llm.get("max_position_embeddings", 4096)),
-            **_lengths(tokenizer, num_patches, library),
+            image_size=spec.image_size,
+            num_patches=spec.num_patches,
+            coord_dims=spec.coord_dims,
+            vision_hidden_size=spec.vision_hidden_size,
+            hidden_size=spec.hidden_size,
+            vocab_size=spec.vocab_size,
+            num_layers=spec.num_layers,
+            max_position_embeddings=spec.max_positions or 4096,
+            **_lengths(spec.tokenizer, spec.num_patches, library),
         )
 
     @classmethod
-    def from_manifest(cls, engine_dir: str | Path, manifest: dict, library=None) -> ModelFacts:
-        m = manifest["model"]
-        tokenizer = PromptTokenizer.from_dir(Path(engine_dir) / manifest["tokenizer"]["dir"])
-        return cls(
-            image_size=int(m["image_size"]),
-            num_patches=int(m["num_patches"]),
-            coord_dims=int(m["coord_dims"]),
-            vision_hidden_size=int(m["vision_hidden_size"]),
-            hidden_size=int(m["hidden_size"]),
-            vocab_size=int(m["vocab_size"]),
-            num_layers=int(m["num_layers"]),
-            max_position_embeddings=int(m["max_position_embeddings"]),
-            **_lengths(tokenizer, int(m["num_patches"]), library),
-        )
+    def from_checkpoint(cls, checkpoint: str | Path, library=None) -> ModelFacts:
+        return cls.from_spec(ModelSpec.from_checkpoint(Path(checkpoint)), library)
+
+    @classmethod
+    def from_manifest(cls, engine_dir: str | Path, manifest: EngineManifest, library=None) -> ModelFacts:
+        return cls.from_spec(ModelSpec.from_manifest(Path(engine_dir), manifest), library)
 
 
 def _lengths(tokenizer: PromptTokenizer, num_patches: int, library) -> dict:
@@ -204,7 +193,7 @@ class VisionPlan:
 def vision_profile(facts: ModelFacts, opts: BuildOptions) -> dict:
     s = facts.image_size
     lo, opt, hi = opts.vision_batch
-    return {"pixel_values": {"min": [lo, 3, s, s], "opt": [opt, 3, s, s], "max": [hi, 3, s, s]}}
+    return {VISION_INPUT: {"min": [lo, 3, s, s], "opt": [opt, 3, s, s], "max": [hi, 3, s, s]}}
 
 
 def plan_vision(facts: ModelFacts, opts: BuildOptions) -> VisionPlan:
@@ -215,8 +204,8 @@ def plan_vision(facts: ModelFacts, opts: BuildOptions) -> VisionPlan:
         typed_onnx=typed,
         plan=VISION_PLAN,
         timing_cache=VISION_TIMING_CACHE,
-        input_name="pixel_values",
-        output_name="image_tokens",
+        input_name=VISION_INPUT,
+        output_name=VISION_OUTPUT,
         profile=vision_profile(facts, opts),
         output_shape=[-1, facts.num_patches, facts.hidden_size],
         precision=opts.vision_precision,
@@ -333,44 +322,49 @@ def make_plan(
     return TensorRTPlan(facts, opts, plan_vision(facts, opts), plan_decoder(facts, opts, work_dir, engine_dir))
 
 
-def manifest_entries(plan: TensorRTPlan, build_machine: dict | None = None, parity: dict | None = None) -> dict:
-    """What the build adds to manifest.json: ``backends.tensorrt`` and ``build_machine``.
-
-    String values of ``backends.tensorrt`` that name files are checksummed at load
-    (engine.files_of_backend); the TensorRT-LLM engine directory is named separately.
-    """
+def tensorrt_entry(plan: TensorRTPlan, parity: dict | None = None, vision_used: dict | None = None) -> TensorRTEntry:
+    """``backends.tensorrt`` of the manifest. Its file names are checksummed at load
+    (``EngineManifest.files_of_backend``); the TensorRT-LLM engine directory is named separately."""
     lengths = plan.decoder.lengths
-    entry = {
-        "vision_plan": plan.vision.plan,
-        "trtllm_engine": TRTLLM_ENGINE,
-        "trtllm_config": TRTLLM_CONFIG,
-        "trtllm_dir": TRTLLM_DIR,
-        "vision_precision": plan.vision.precision,
-        "decoder_precision": plan.decoder.precision,
-        "decoder_dtype": plan.decoder.dtype,
-        "vision_io": {"input": plan.vision.input_name, "output": plan.vision.output_name},
-        "vision_profile": plan.vision.profile,
-        "prompt_table": {
+    flags = {
+        "vision_tensorrt10": plan.vision.tensorrt10,
+        "vision_tensorrt11": plan.vision.tensorrt11,
+        "vision_workspace_bytes": plan.vision.workspace_bytes,
+        "convert": plan.decoder.convert,
+        "trtllm_build": plan.decoder.trtllm_build,
+    }
+    if vision_used is not None:
+        flags["vision_used"] = vision_used
+    return TensorRTEntry(
+        vision_plan=plan.vision.plan,
+        trtllm_engine=TRTLLM_ENGINE,
+        trtllm_config=TRTLLM_CONFIG,
+        trtllm_dir=TRTLLM_DIR,
+        vision_precision=plan.vision.precision,
+        decoder_precision=plan.decoder.precision,
+        decoder_dtype=plan.decoder.dtype,
+        vision_input=plan.vision.input_name,
+        vision_output=plan.vision.output_name,
+        prompt_table_rows=lengths.prompt_table_rows_per_request,
+        max_input_len=lengths.max_input_len,
+        vision_profile=plan.vision.profile,
+        prompt_table={
             "rows_per_request": lengths.prompt_table_rows_per_request,
             "max_batch_size": lengths.max_batch_size,
             "max_prompt_embedding_table_size": lengths.max_prompt_embedding_table_size,
             "fake_id_base": plan.facts.vocab_size,
             "extra_ids": "blake2b-63 of the crop's image tokens at fake ids, 0 at text ids",
         },
-        "lengths": asdict(lengths),
-        "tokens_per_block": plan.options.tokens_per_block,
-        "build_flags": {
-            "vision_tensorrt10": plan.vision.tensorrt10,
-            "vision_tensorrt11": plan.vision.tensorrt11,
-            "vision_workspace_bytes": plan.vision.workspace_bytes,
-            "convert": plan.decoder.convert,
-            "trtllm_build": plan.decoder.trtllm_build,
-        },
-    }
-    if parity is not None:
-        entry["parity"] = parity
-    out = {"backends": {"tensorrt": entry}}
-    out["build_machine"] = (
+        lengths=asdict(lengths),
+        tokens_per_block=plan.options.tokens_per_block,
+        build_flags=flags,
+        parity=parity,
+    )
+
+
+def manifest_entries(plan: TensorRTPlan, build_machine: dict | None = None, parity: dict | None = None) -> dict:
+    """What the build adds to manifest.json, as JSON: ``backends.tensorrt`` and ``build_machine``."""
+    machine = (
         build_machine
         if build_machine is not None
         else {
@@ -378,7 +372,7 @@ def manifest_entries(plan: TensorRTPlan, build_machine: dict | None = None, pari
             for k in ("gpu_name", "compute_capability", "cuda", "tensorrt", "tensorrt_llm")
         }
     )
-    return out
+    return {"backends": {TENSORRT: tensorrt_entry(plan, parity).to_dict()}, "build_machine": machine}
 
 
 def format_plan(plan: TensorRTPlan, onnx_note: str) -> str:

@@ -5,20 +5,35 @@ pose = Pose("engines/tiny")
 result = pose.locate("person.jpg", ["neck", "pelvis"])
 """
 
-from .crop import BoxError, ImageError
-from .descriptions import DescriptionLibrary, UnknownKeypointError
-from .engine import EngineError
+from .descriptions import DescriptionLibrary
+from .errors import (
+    BackendUnavailable,
+    BoxError,
+    CheckpointError,
+    EngineError,
+    ImageError,
+    KeypointError,
+    LocLLMError,
+    ProtocolError,
+    UnknownKeypointError,
+)
+from .manifest import EngineManifest
 from .pose import Pose
-from .protocol import PROTOCOL_VERSION, ProtocolError
+from .protocol import PROTOCOL_VERSION
 from .results import Keypoint, Person, Results
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "BackendUnavailable",
     "BoxError",
+    "CheckpointError",
     "DescriptionLibrary",
     "EngineError",
+    "EngineManifest",
+    "KeypointError",
+    "LocLLMError",
     "ImageError",
     "Keypoint",
     "Person",

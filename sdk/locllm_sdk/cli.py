@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .pose import BACKENDS
+from .errors import LocLLMError
+from .inputs import BOX_FORMATS
+from .manifest import BACKEND_NAMES as BACKENDS
 
 FLIP_HELP = "flip test-time augmentation: also run each crop mirrored (left <-> right) and average; ~2x time"
 
@@ -46,37 +49,43 @@ def _pose(args):
     """The model of -m (engine dir, or checkpoint: its cached engine unless --backend torch);
     default: the bundled demo model."""
     from .demo import engine_for, resolve_model
-    from .engine import MANIFEST
+    from .loader import ENGINE, model_kind
     from .pose import Pose
 
     path = resolve_model(args.model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
-    is_checkpoint = (path / "config.json").is_file() and not (path / MANIFEST).is_file()
-    if is_checkpoint and args.backend != "torch":
+    if model_kind(path) != ENGINE and args.backend != "torch":
         path = engine_for(path)
     return Pose(path, backend=args.backend, decoding=args.decoding, threads=args.threads)
 
 
 def cmd_locate(args) -> int:
+    from .crop import load_image
+    from .draw import check_image_path, draw_results
+
+    if args.draw:
+        check_image_path(args.draw)  # before any work: a run never ends in a failed write
+    image = load_image(args.image)
     pose = _pose(args)
     keypoints = args.keypoint or args.skeleton
-    res = pose.locate(args.image, keypoints, boxes=args.box or None, flip=args.flip)
+    res = pose.locate(image, keypoints, boxes=args.box or None, flip=args.flip, box_format=args.box_format)
+    if args.draw:
+        draw_results(image, res, args.draw, library=pose.library)
     if args.json:
         print(res.to_json(indent=2))
     else:
         _print_table(res)
     if args.draw:
-        from .draw import draw_results
-
-        draw_results(args.image, res, args.draw)
         print(f"overlay written to {args.draw}", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .draw import check_image_path
 
+    check_image_path(args.out)
     lo, _, hi = args.persons.partition("-")
     run_demo(seed=args.seed, persons=(int(lo), int(hi or lo)), out=args.out, backend=args.backend, model=args.model)
     return 0
@@ -85,9 +94,13 @@ def cmd_demo(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_coco
 
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {args.out}: the folder {args.out.parent} does not exist")
     pose = _pose(args)
     preds = predict_coco(pose, args.gt, args.keypoints, args.images, args.limit, flip=args.flip)
-    args.out.write_text(json.dumps(preds) + "\n")
+    tmp = args.out.with_name(args.out.name + ".partial")
+    tmp.write_text(json.dumps(preds) + "\n")
+    tmp.replace(args.out)  # a results file is complete or absent
     print(f"{len(preds)} person predictions written to {args.out}; score them with:")
     flag = "--gt3d COMPANION.json" if pose.spec.coord_dims == 3 else ""
     print(f"  python benchmarks/accuracy.py --gt {args.gt} {flag} --pred {args.out}".replace("  --", " --"))
@@ -95,19 +108,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .engine import read_manifest
+    from .manifest import EngineManifest
 
-    m = read_manifest(args.engine)
-    print(
-        json.dumps(
-            {
-                k: m[k]
-                for k in ("format_version", "protocol_version", "model", "precision", "backends", "built_with")
-                if k in m
-            },
-            indent=2,
-        )
-    )
+    m = EngineManifest.read(args.engine).to_dict()
+    keys = ("format_version", "protocol_version", "model", "precision", "backends", "built_with")
+    print(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     return 0
 
 
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("-k", "--keypoint", action="append", help="keypoint name (repeatable); default: the skeleton")
     loc.add_argument("--skeleton", default="coco17", help="skeleton used when no -k is given (default coco17)")
     loc.add_argument("--box", action="append", type=_box, help="person box x,y,w,h (repeatable); default whole image")
+    loc.add_argument("--box-format", default="xywh", choices=BOX_FORMATS, help="how --box numbers read (default xywh)")
     loc.add_argument("--backend", default="auto", choices=BACKENDS)
     loc.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     loc.add_argument("--threads", type=int, default=None)
@@ -153,13 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Errors a user can cause and fix: one line, exit 2. Anything else is a bug of ours: one line
+# saying so, exit 3 (LOCLLM_DEBUG=1 shows the traceback).
+USER_ERRORS = (LocLLMError, ValueError, KeyError, OSError, RuntimeError, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        print(f"locllm: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("locllm: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("LOCLLM_DEBUG"):
+            raise
+        print(f"locllm: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if os.environ.get("LOCLLM_DEBUG"):
+            raise
+        print(
+            f"locllm: internal error ({type(e).__name__}: {_one_line(e)}); LOCLLM_DEBUG=1 shows the traceback",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ against the scene's exact ground truth.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import GRAPH_REVISION, MANIFEST, read_manifest
+from .manifest import GRAPH_REVISION, MANIFEST, read_manifest
 
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are keyed by name, size and mtime
@@ -73,24 +74,55 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
 
 
 def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
-    """The checkpoint's ONNX engine, built once per checkpoint content and cached."""
+    """The checkpoint's ONNX engine, built once per checkpoint content and cached.
+
+    Builds are atomic (the engine appears complete or not at all) and locked per engine: a
+    second process asking for the same engine waits for the first build and reuses it."""
     checkpoint = Path(checkpoint)
-    engine = cache_dir() / "engines" / f"{checkpoint.name}-{checkpoint_digest(checkpoint)[:16]}"
-    if (engine / MANIFEST).is_file() and not rebuild:
-        manifest = read_manifest(engine)  # verifies checksums: a damaged cache is an error, not a wrong answer
-        revision = manifest.get("graph_revision", 1)  # engines before the field were revision 1
-        if revision == GRAPH_REVISION:
-            return engine
-        print(f"the cached engine's graphs are revision {revision}, not {GRAPH_REVISION}: rebuilding", file=sys.stderr)
-    try:
-        from locllm_export.build import build_onnx_engine
-    except ImportError as e:
-        raise RuntimeError(
-            "building an engine needs the export extra (torch, transformers, onnx): pip install 'locllm-sdk[export]'"
-        ) from e
-    print(f"building the engine for {checkpoint} once -> {engine}", file=sys.stderr)
-    build_onnx_engine(checkpoint, engine, overwrite=True)
+    engines = cache_dir() / "engines"
+    engine = engines / f"{checkpoint.name}-{checkpoint_digest(checkpoint)[:16]}"
+    if _usable(engine) and not rebuild:
+        return engine
+    locks = cache_dir() / "locks"  # beside the engines, so the engines folder holds engines only
+    locks.mkdir(parents=True, exist_ok=True)
+    engines.mkdir(parents=True, exist_ok=True)
+    with _locked(locks / f"{engine.name}.lock"):
+        if _usable(engine) and not rebuild:
+            return engine  # another process built it while we waited
+        try:
+            from locllm_export.build import build_onnx_engine
+        except ImportError as e:
+            raise RuntimeError(
+                "building an engine needs the export extra (torch, transformers, onnx): "
+                "pip install 'locllm-sdk[export]'"
+            ) from e
+        print(f"building the engine for {checkpoint} once -> {engine}", file=sys.stderr)
+        # under the lock no other build of this engine runs: a .partial left here is stale
+        build_onnx_engine(checkpoint, engine, overwrite=True)
     return engine
+
+
+def _usable(engine: Path) -> bool:
+    if not (engine / MANIFEST).is_file():
+        return False
+    revision = read_manifest(engine).graph_revision
+    if revision != GRAPH_REVISION:
+        print(f"the cached engine's graphs are revision {revision}, not {GRAPH_REVISION}: rebuilding", file=sys.stderr)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock file (flock: released by the OS if the holder dies)."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def held_out_keypoints(checkpoint: Path) -> list[str]:

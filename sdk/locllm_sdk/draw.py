@@ -9,6 +9,7 @@ import numpy as np
 
 from .crop import load_image
 from .descriptions import DescriptionLibrary
+from .errors import ImageError
 from .results import Results
 
 _PALETTE = [
@@ -36,11 +37,17 @@ def draw_results(
     if coco:
         limbs = [(coco.keypoints[a], coco.keypoints[b]) for a, b in coco.limbs]
     scale = max(1, round(max(img.shape[:2]) / 400))
+    height, width = img.shape[:2]
+
+    def point(x: float, y: float) -> tuple[int, int]:
+        # clipped just outside the image: OpenCV's int coordinates overflow on huge values
+        return int(round(min(max(x, -1.0), width))), int(round(min(max(y, -1.0), height)))
+
     for i, person in enumerate(results):
         color = _PALETTE[i % len(_PALETTE)]
         x, y, w, h = person.box
-        cv2.rectangle(img, (int(x), int(y)), (int(x + w), int(y + h)), color, scale)
-        pts = {k.name: (int(round(k.x)), int(round(k.y))) for k in person}
+        cv2.rectangle(img, point(x, y), point(x + w, y + h), color, scale)
+        pts = {k.name: point(k.x, k.y) for k in person}
         for a, b in limbs:
             if a in pts and b in pts:
                 cv2.line(img, pts[a], pts[b], color, scale, cv2.LINE_AA)
@@ -48,5 +55,29 @@ def draw_results(
             cv2.circle(img, pts[k.name], 2 * scale + 1, (255, 255, 255), -1, cv2.LINE_AA)
             cv2.circle(img, pts[k.name], 2 * scale, color, -1, cv2.LINE_AA)
     if out is not None:
-        cv2.imwrite(str(out), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        write_image(out, img)
     return img
+
+
+def check_image_path(path: str | Path) -> Path:
+    """An image file we can write: its folder exists and OpenCV has a writer for its extension.
+    Checked before any work, so a run never ends in a failed write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ImageError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if not path.suffix or not cv2.haveImageWriter(str(path)):
+        raise ImageError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png or .jpg)")
+    return path
+
+
+def write_image(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write an RGB image, checking that it was written (cv2.imwrite reports failure by its
+    return value, which is easy to miss)."""
+    path = check_image_path(path)
+    try:
+        ok = cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    except cv2.error as e:
+        raise ImageError(f"cannot write {path}: {e}") from e
+    if not ok:
+        raise ImageError(f"cannot write {path} (OpenCV could not write the file)")
+    return path

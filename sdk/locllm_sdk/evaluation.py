@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 
-COCO17_NAMES = [
-    "nose", "left eye", "right eye", "left ear", "right ear", "left shoulder", "right shoulder",
-    "left elbow", "right elbow", "left wrist", "right wrist", "left hip", "right hip",
-    "left knee", "right knee", "left ankle", "right ankle",
-]  # fmt: skip
+from .descriptions import coco17
+from .protocol import unit_to_depth
+
+COCO17_NAMES = list(coco17().keypoints)
 COCO_SIGMAS = np.array([0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072,
                         0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089])  # fmt: skip
 EXTRA_SIGMAS = {"neck": 0.107, "thorax": 0.107, "pelvis": 0.107, "torso": 0.107,
@@ -293,11 +292,9 @@ def evaluate_2d(
 _3D_KEYS = ("joints_cam_mm", "joints_cam", "keypoints_cam", "joint_cam", "keypoints_3d")
 
 
-def lift_to_camera(
-    uv: np.ndarray, z_norm: np.ndarray, root_depth_mm: float, K: np.ndarray, depth_range_mm: float = 2000.0
-) -> np.ndarray:
+def lift_to_camera(uv: np.ndarray, z_norm: np.ndarray, root_depth_mm: float, K: np.ndarray) -> np.ndarray:
     """Back-project pixels + LocLLM root-relative depth (0.zzzzzz) to camera-space mm."""
-    z = (np.asarray(z_norm, float) - 0.5) * depth_range_mm + root_depth_mm
+    z = unit_to_depth(np.asarray(z_norm, float)) + root_depth_mm
     uv = np.asarray(uv, float)
     x = (uv[:, 0] - K[0, 2]) * z / K[0, 0]
     y = (uv[:, 1] - K[1, 2]) * z / K[1, 1]

@@ -11,23 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .coco_files import guess_image_dir
 from .crop import load_image
 from .pose import Pose
 from .protocol import depth_to_unit
-
-
-def guess_image_dir(gt_json: Path, doc: dict) -> Path:
-    """SynthPose (DIR/annotations/x_<split>.json + DIR/images/<split>/), COCO
-    (DIR/annotations/person_keypoints_<split>2017.json + DIR/<split>2017/) or beside the file."""
-    split = gt_json.stem.rsplit("_", 1)[-1]
-    root = gt_json.parent.parent
-    for cand in (root / "images" / split, root / split, root / "images", gt_json.parent):
-        if doc["images"] and (cand / doc["images"][0]["file_name"]).is_file():
-            return cand
-    raise FileNotFoundError(
-        f"cannot find the images of {gt_json} (looked for {doc['images'][0]['file_name'] if doc['images'] else '?'} "
-        f"under {root / 'images' / split}, {root / split}, {root / 'images'}, {gt_json.parent}): pass --images DIR"
-    )
 
 
 def keypoint_names(doc: dict, pose: Pose, keypoints: str | Sequence[str] = "auto") -> list[str]:
@@ -68,7 +55,12 @@ def predict_coco(
     preds = []
     for i, im in enumerate(images):
         people = anns[im["id"]]
-        res = pose.locate(load_image(image_dir / im["file_name"]), names, [a["bbox"] for a in people], flip=flip)
+        res = pose.locate(
+            load_image(image_dir / im["file_name"], exif_orientation=False),
+            names,
+            [a["bbox"] for a in people],
+            flip=flip,
+        )
         for person, a in zip(res, people):
             p = {
                 "image_id": im["id"],

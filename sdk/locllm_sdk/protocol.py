@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ProtocolError
+
 PROTOCOL_VERSION = "locllm-v1"
 IMAGE_PATCH_TOKEN = "<im_patch>"
 EOS_TEXT = "</s>"
@@ -37,10 +39,27 @@ NUMBER_PATTERN = re.compile(r"0\.\d+")
 # Depth convention (Human3.6M): z = root-relative depth in mm / DEPTH_RANGE_MM + 0.5.
 DEPTH_RANGE_MM = 2000.0
 SPIECE_UNDERLINE = "\u2581"
+# Text that the protocol's tokenisation turns into control or image tokens (the official slow
+# tokenizer splits on its special and added tokens): never accepted in a caller's text.
+CONTROL_TEXTS = (IMAGE_PATCH_TOKEN, EOS_TEXT, "<s>", "<unk>")
 
 
-class ProtocolError(ValueError):
-    """The tokenizer or an answer does not fit the LocLLM protocol."""
+def check_user_text(text: str, what: str) -> str:
+    """A keypoint name or description as a caller gives it: refused (ProtocolError naming
+    ``what``) when it holds text the protocol would turn into a control or image token.
+
+    Refused rather than escaped: the official procedure would tokenise such text into those
+    tokens (an image token in the middle of a sentence, an end of sequence), so there is no
+    faithful plain-text encoding of it, and a model trained with the protocol never saw one."""
+    if not isinstance(text, str):
+        raise ProtocolError(f"{what} must be a string, got {type(text).__name__}")
+    found = [t for t in CONTROL_TEXTS if t in text]
+    if found:
+        raise ProtocolError(
+            f"{what} contains {', '.join(found)}: control/image tokens of the prompt protocol "
+            f"({', '.join(CONTROL_TEXTS)}) cannot appear in keypoint names or descriptions"
+        )
+    return text
 
 
 def question(name: str) -> str:
@@ -95,6 +114,10 @@ class TokenizerSpec:
     add_bos: bool = True
 
 
+# the files read_tokenizer_spec opens (when present) in a tokenizer directory
+TOKENIZER_READS = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
+
+
 def read_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
     """Read ``tokenizer.model`` + ``tokenizer_config.json`` (+ ``added_tokens.json``).
 
@@ -105,23 +128,21 @@ def read_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
     model_path = tokenizer_dir / "tokenizer.model"
     if not model_path.is_file():
         raise FileNotFoundError(f"tokenizer model not found: {model_path}")
-    config: dict = {}
-    if (tokenizer_dir / "tokenizer_config.json").is_file():
-        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    added: dict[str, int] = {}
-    if (tokenizer_dir / "added_tokens.json").is_file():
-        added = json.loads((tokenizer_dir / "added_tokens.json").read_text())
-    for entry in (config.get("added_tokens_decoder") or {}).items():
-        idx, tok = entry
-        added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(idx))
+    config = _json_object(tokenizer_dir / "tokenizer_config.json")
+    added = _json_object(tokenizer_dir / "added_tokens.json")
+    try:
+        for idx, tok in (config.get("added_tokens_decoder") or {}).items():
+            added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(idx))
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in added.items()):
+            raise TypeError("token ids must be integers")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"{tokenizer_dir}: malformed added tokens ({e})") from e
     if IMAGE_PATCH_TOKEN not in added:
         raise ProtocolError(
             f"{tokenizer_dir}: the tokenizer has no {IMAGE_PATCH_TOKEN!r} token "
             "(expected in added_tokens.json or tokenizer_config.json added_tokens_decoder)"
         )
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    sp = _sentencepiece(model_path)
     pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
     return TokenizerSpec(
         model_path=model_path,
@@ -135,6 +156,28 @@ def read_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
     )
 
 
+def _json_object(path: Path) -> dict:
+    """A tokenizer JSON file as a dict ({} when absent); ProtocolError naming it when malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _sentencepiece(model_path: Path):
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_path))
+    except (OSError, RuntimeError) as e:
+        raise ProtocolError(f"{model_path}: not a SentencePiece model ({e})") from e
+
+
 class PromptTokenizer:
     """Token ids of the LocLLM protocol, identical to transformers 4.31's slow LlamaTokenizer.
 
@@ -146,10 +189,8 @@ class PromptTokenizer:
     """
 
     def __init__(self, spec: TokenizerSpec):
-        import sentencepiece as spm
-
         self.spec = spec
-        self._sp = spm.SentencePieceProcessor(model_file=str(spec.model_path))
+        self._sp = _sentencepiece(spec.model_path)
         self.vocab_size = self._sp.vocab_size()
         # ids of "<unk>" text encoded alone: transformers' trick for a prefix-free encoding.
         self._unk_prefix = self._sp.encode("<unk>")
@@ -214,7 +255,10 @@ class PromptTokenizer:
         return self.encode(IMAGE_PREFIX + IMAGE_PATCH_TOKEN * num_patches)
 
     def round_ids(self, name: str, description: str, answer: str | None = None) -> list[int]:
-        """Ids of one round as it follows an added token (prefix or a previous ``</s>``)."""
+        """Ids of one round as it follows an added token (prefix or a previous ``</s>``).
+        ``name`` and ``description`` are plain text (``check_user_text``)."""
+        check_user_text(name, f"keypoint name {name!r}")
+        check_user_text(description, f"the description of {name!r}")
         text = round_text(name, description, answer)
         # Encode as the continuation it is in the full text: a leading added token makes the
         # chunk a non-opening one; whitespace after <im_patch> ("\n") is stripped by encode().

@@ -50,6 +50,9 @@ class Person:
         for k in self.keypoints:
             if k.name == name:
                 return k
+        for k in self.keypoints:  # COCO's spelling (left_wrist) of a library name (left wrist)
+            if k.name.replace("_", " ") == name.replace("_", " "):
+                return k
         raise KeyError(f"no keypoint {name!r} in this result (have: {[k.name for k in self.keypoints]})")
 
     def numpy(self) -> np.ndarray:

@@ -17,16 +17,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from locllm_sdk.crop import affine_transform, box_to_center_scale, normalize, sanitize_box
-from locllm_sdk.descriptions import DescriptionLibrary, mirror_text
+from locllm_sdk.coco_files import guess_image_dir
+from locllm_sdk.crop import affine_transform, box_to_center_scale, load_image, normalize, sanitize_box, warp_affine
+from locllm_sdk.descriptions import DescriptionLibrary, coco17, mirror_text
 from locllm_sdk.protocol import EOS_TEXT, IMAGE_PATCH_TOKEN, PromptTokenizer, format_answer
 
+from .synthpose.dataset_io import load_companion
+
 IGNORE = -100
-COCO17 = (
-    "nose", "left eye", "right eye", "left ear", "right ear", "left shoulder", "right shoulder", "left elbow",
-    "right elbow", "left wrist", "right wrist", "left hip", "right hip", "left knee", "right knee", "left ankle",
-    "right ankle",
-)  # fmt: skip
 
 
 @dataclass
@@ -46,12 +44,12 @@ def load_coco(json_path: str | Path, image_dir: str | Path | None = None, extend
     (``keypoints_ext``); otherwise the category's ``keypoints`` (COCO-17 names)."""
     json_path = Path(json_path)
     doc = json.loads(json_path.read_text())
-    image_dir = Path(image_dir) if image_dir else _guess_image_dir(json_path, doc)
+    image_dir = Path(image_dir) if image_dir else guess_image_dir(json_path, doc)
     cat = doc["categories"][0]
     use_ext = extended and "keypoint_names_ext" in cat
     names = tuple(cat["keypoint_names_ext"] if use_ext else [n.replace("_", " ") for n in cat["keypoints"]])
     if not use_ext and len(names) == 17:
-        names = COCO17
+        names = coco17().keypoints
     images = {im["id"]: im for im in doc["images"]}
     out = []
     for ann in doc["annotations"]:
@@ -73,26 +71,17 @@ def load_coco(json_path: str | Path, image_dir: str | Path | None = None, extend
     return out
 
 
-def load_companion(
+def load_companion_records(
     json_path: str | Path, coco_json: str | Path, image_dir: str | Path | None = None
 ) -> list[PersonRecord]:
-    """The 3D companion (camera joints, z_norm = root-relative depth / 2000 + 0.5) joined
-    with its COCO file for boxes and images."""
-    comp = json.loads(Path(json_path).read_text())
+    """Persons of a COCO file with their depth from its 3D companion (z_norm: the protocol's
+    depth unit, ``protocol.depth_to_unit``), for 3D training."""
+    comp = load_companion(json_path)
     z_by_ann = {a["id"]: np.asarray(a["z_norm"], np.float64) for a in comp["annotations"]}
     records = load_coco(coco_json, image_dir, extended=True)
     for r in records:
         r.z = z_by_ann[r.meta["ann_id"]]
     return records
-
-
-def _guess_image_dir(json_path: Path, doc: dict) -> Path:
-    # SynthPose layout: DIR/annotations/person_keypoints_<split>.json + DIR/images/<split>/
-    split = json_path.stem.rsplit("_", 1)[-1]
-    for cand in (json_path.parent.parent / "images" / split, json_path.parent.parent / "images", json_path.parent):
-        if doc["images"] and (cand / doc["images"][0]["file_name"]).is_file():
-            return cand
-    return json_path.parent
 
 
 # Relational (novel-keypoint) targets: midpoints of joint pairs, described as the paper
@@ -150,10 +139,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def crop(self, rec: PersonRecord, rng: random.Random):
-        img = cv2.imread(str(rec.image), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if img is None:
-            raise FileNotFoundError(f"cannot read training image {rec.image}")
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = load_image(rec.image, exif_orientation=False)  # COCO boxes are in the stored pixel grid
         h, w = img.shape[:2]
         center, scale = box_to_center_scale(sanitize_box(rec.box, w, h))
         joints, names = rec.joints.copy(), list(rec.names)
@@ -171,7 +157,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 center[0] = w - center[0] - 1
         s = cfg.image_size
         trans = affine_transform(center, scale, rot, s)
-        crop = cv2.warpAffine(np.ascontiguousarray(img), trans, (s, s), flags=cv2.INTER_LINEAR)
+        crop = warp_affine(np.ascontiguousarray(img), trans, (s, s))  # the serving crop's interpolation
         pts = joints @ trans[:, :2].T + trans[:, 2]
         return crop, pts, names
 

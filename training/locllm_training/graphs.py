@@ -7,6 +7,7 @@ modules, so an exported graph and the oracle it is checked against share one def
 from __future__ import annotations
 
 import torch
+from locllm_sdk.manifest import llm_head_dim
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
@@ -84,8 +85,12 @@ class DecoderStep(nn.Module):
         return (logits, *present)
 
 
+def head_dim_of(llm_config) -> int:
+    return llm_head_dim(llm_config.hidden_size, llm_config.num_attention_heads, getattr(llm_config, "head_dim", None))
+
+
 def empty_past(llm_config, batch: int, dtype=torch.float32) -> list[torch.Tensor]:
-    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // llm_config.num_attention_heads
+    head_dim = head_dim_of(llm_config)
     kv_heads = llm_config.num_key_value_heads or llm_config.num_attention_heads
     shape = (batch, kv_heads, 0, head_dim)
     return [torch.zeros(shape, dtype=dtype) for _ in range(2 * llm_config.num_hidden_layers)]
@@ -120,7 +125,7 @@ class SharedPrefixStep(nn.Module):
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
         self.groups = self.heads // self.kv_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim_of(cfg)
 
     def _to_crops(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """[B,heads,T,X] -> [N,kv_heads,R*groups*T,X]: a crop's queries as one matrix."""

@@ -15,20 +15,17 @@ from pathlib import Path
 
 import torch
 from locllm_sdk.crop import CLIP_MEAN, CLIP_STD
+from locllm_sdk.errors import CheckpointError
+from locllm_sdk.loader import read_config
+from locllm_sdk.manifest import sha256_file
 from locllm_sdk.protocol import PROTOCOL_VERSION
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
-
-from .pretrained import file_sha256
 
 CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 VISION_LORA_TARGETS = ["query", "value"]  # HF Dinov2 (4.57): attention.attention.{query,value}
 LLM_LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files or does not match its config."""
 
 
 @dataclass
@@ -284,14 +281,14 @@ def parent_checkpoint(checkpoint: str | Path) -> Path | None:
     """The checkpoint whose tensors a delta checkpoint (``parent_weights`` in config.json:
     a path relative to it + the parent's model.safetensors sha256) omits; checked here."""
     checkpoint = Path(checkpoint)
-    ref = json.loads((checkpoint / "config.json").read_text()).get("parent_weights")
+    ref = read_config(checkpoint).get("parent_weights")
     if not ref:
         return None
     parent = (checkpoint / ref["path"]).resolve()
     weights = parent / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint} stores only its differences from {parent}, which has no model.safetensors")
-    if file_sha256(weights) != ref["sha256"]:
+    if sha256_file(weights) != ref["sha256"]:
         raise CheckpointError(
             f"{checkpoint} stores only its differences from {weights}, but that file's sha256 is not the "
             f"recorded {ref['sha256']}: the parent checkpoint was changed"
@@ -301,13 +298,12 @@ def parent_checkpoint(checkpoint: str | Path) -> Path | None:
 
 def stored_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint stores, its parents' included (not external vision weights)."""
-    from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     parent = parent_checkpoint(checkpoint)
     state = stored_state(parent) if parent else {}
     for file in _weight_files(checkpoint):
-        state.update(load_file(str(file)))
+        state.update(_load_safetensors(file))
     return state
 
 
@@ -358,7 +354,7 @@ def save_checkpoint(
             raise CheckpointError(f"a delta checkpoint needs a single-file parent; {parent} is sharded")
         config["parent_weights"] = {
             "path": os.path.relpath(parent, output.resolve()),
-            "sha256": file_sha256(weights[0]),
+            "sha256": sha256_file(weights[0]),
         }
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
@@ -372,9 +368,22 @@ def save_checkpoint(
 
 def load_config(checkpoint: str | Path) -> LocLLMConfig:
     path = Path(checkpoint) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint}: no config.json (is this a LocLLM checkpoint directory?)")
-    return LocLLMConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return LocLLMConfig.from_dict(read_config(Path(checkpoint)))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed config field {e}") from e
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; CheckpointError naming the file when it is damaged."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # SafetensorError, OSError, ... from the Rust reader
+        raise CheckpointError(f"{file}: cannot read the weights (truncated or corrupt safetensors?): {e}") from e
 
 
 def load_checkpoint(checkpoint: str | Path, with_lora: bool = True, image_size: int | None = None) -> LocLLM:
@@ -383,7 +392,6 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True, image_size: 
     ``image_size`` loads the same weights for another crop size (the start of a fine-tune at
     that size): only a checkpoint that references its pretrained ViT base stores no position
     embeddings, which are then interpolated from the pretrained ones for the new grid."""
-    from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     config = load_config(checkpoint)
@@ -412,7 +420,7 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True, image_size: 
         loaded.update(inherited)
         del inherited
     for file in files:
-        state = load_file(str(file))
+        state = _load_safetensors(file)
         unexpected += model.load_state_dict(state, strict=False).unexpected_keys
         loaded.update(state)
         del state

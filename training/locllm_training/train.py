@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from locllm_sdk.crop import crop_geometry, normalize, to_image_coords, warp
-from locllm_sdk.decoding import constrained_decode, prefill_prefix
 from locllm_sdk.descriptions import DescriptionLibrary
 from locllm_sdk.evaluation import pck
-from locllm_sdk.protocol import PromptTokenizer, build_grammar
+from locllm_sdk.protocol import PromptTokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import (
@@ -27,7 +25,7 @@ from .data import (
     PersonRecord,
     collate,
     load_coco,
-    load_companion,
+    load_companion_records,
 )
 from .model import LocLLM, load_checkpoint, save_checkpoint
 
@@ -102,7 +100,7 @@ def records_of(source: DataSource, dims: int) -> list[PersonRecord]:
     if dims == 3 or source.companion:
         if not source.companion:
             raise ValueError(f"a 3D model needs a companion file for {source.coco}")
-        return load_companion(source.companion, source.coco, source.images)
+        return load_companion_records(source.companion, source.coco, source.images)
     return load_coco(source.coco, source.images)
 
 
@@ -150,36 +148,30 @@ def evaluate_pck(
     names: list[str],
     library: DescriptionLibrary,
     alpha: float = 0.1,
-    batch_persons: int = 8,
 ) -> dict:
-    """PCK@alpha of ``names`` on ``records`` with the SDK's constrained decoding."""
-    import cv2
+    """PCK@alpha of ``names`` on ``records`` through the SDK's own pipeline (as served)."""
     from locllm_sdk.backends.torch_ref import TorchBackend
+    from locllm_sdk.crop import load_image
+    from locllm_sdk.loader import ModelSpec
+    from locllm_sdk.pipeline import locate_in_image
 
     was_training = model.training
     model.eval()
     backend = TorchBackend(model=model)
-    cfg = model.config
-    grammar = build_grammar(tokenizer, cfg.coord_dims)
-    prefix = tokenizer.prefix_ids(cfg.num_patches)
-    suffix = [tokenizer.round_ids(n, library.descriptions[n]) for n in names]
+    spec = ModelSpec.from_config(model.config.to_dict(), tokenizer)
+    requests = library.resolve(names)
+    by_image: dict[Path, list[PersonRecord]] = {}
+    for r in records:
+        by_image.setdefault(Path(r.image), []).append(r)
     preds, gts, vis, norms = [], [], [], []
-    for start in range(0, len(records), batch_persons):
-        chunk = records[start : start + batch_persons]
-        crops, geoms = [], []
-        for r in chunk:
-            img = cv2.cvtColor(cv2.imread(str(r.image)), cv2.COLOR_BGR2RGB)
-            g = crop_geometry(r.box, img.shape[:2], cfg.image_size)
-            crops.append(warp(img, g))
-            geoms.append(g)
-        pixels = normalize(np.stack(crops), cfg.norm_mean, cfg.norm_std)
-        cache = prefill_prefix(backend, prefix, tokenizer.spec.im_patch_id, backend.encode_images(pixels))
-        rows = np.repeat(np.arange(len(chunk)), len(names))
-        answers, _ = constrained_decode(backend, cache, len(prefix), rows, suffix * len(chunk), grammar, tokenizer)
-        vals = np.array([a.values[:2] for a in answers]).reshape(len(chunk), len(names), 2) * cfg.image_size
-        for r, g, v in zip(chunk, geoms, vals):
+    for image, people in by_image.items():
+        # COCO boxes are in the stored pixel grid: no EXIF rotation (as the official loader)
+        out = locate_in_image(
+            backend, spec, load_image(image, exif_orientation=False), [r.box for r in people], requests
+        )
+        for r, v in zip(people, out.values):
             idx = [r.names.index(n) for n in names]
-            preds.append(to_image_coords(v, g.inverse))
+            preds.append(v[:, :2])
             gts.append(r.joints[idx])
             vis.append(r.visible[idx])
             norms.append(max(r.box[2], r.box[3]))

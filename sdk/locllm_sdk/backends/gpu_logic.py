@@ -32,10 +32,6 @@ import numpy as np
 
 from ..protocol import SPIECE_UNDERLINE, AnswerGrammar
 
-TENSORRT = "tensorrt"
-ORT_CUDA = "onnxruntime-cuda"
-ORT_CPU = "onnxruntime"
-
 # Spelling given to every token that must never appear in an answer (see guided_vocabulary).
 BLOCKED_TOKEN_TEXT = "\u2400"  # SYMBOL FOR NULL: not a character of any answer
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

@@ -7,20 +7,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend asked for cannot run here (missing package, provider, device)."""
+from ..errors import EngineError
+from ..manifest import (
+    ORT_CPU,
+    ORT_CUDA,
+    STEP_INPUTS,
+    VISION_INPUT,
+    VISION_OUTPUT,
+    EngineManifest,
+    OnnxRuntimeEntry,
+    decoder_io_names,
+    past_names,
+    prefix_names,
+)
+from .base import Backend, BackendUnavailable
 
 
 class OnnxRuntimeBackend(Backend):
-    name = "onnxruntime"
+    name = ORT_CPU
 
     def __init__(
         self,
         engine_dir: Path,
-        manifest: dict,
+        manifest: EngineManifest,
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
@@ -28,7 +37,7 @@ class OnnxRuntimeBackend(Backend):
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - base install has it
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") from e
-        files = manifest["backends"]["onnxruntime"]
+        files: OnnxRuntimeEntry = manifest.backend(ORT_CPU)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is None:
@@ -36,11 +45,18 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
-        self.vision = ort.InferenceSession(str(engine_dir / files["vision"]), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(engine_dir / files["decoder"]), opts, providers=providers)
+
+        def session(name: str):
+            path = manifest.path(engine_dir, name)
+            try:
+                return ort.InferenceSession(str(path), opts, providers=providers)
+            except Exception as e:  # ORT raises its own types (InvalidProtobuf, Fail, ...)
+                raise EngineError(f"{path}: ONNX Runtime cannot load this graph: {str(e).splitlines()[0]}") from e
+
+        self.vision = session(files.vision)
+        self.decoder = session(files.decoder)
         # engines from format 1 builds before the cascade graph existed lack it: copy path
-        shared = files.get("decoder_shared")
-        self.shared = ort.InferenceSession(str(engine_dir / shared), opts, providers=providers) if shared else None
+        self.shared = session(files.decoder_shared) if files.decoder_shared else None
         self.supports_shared_prefix = self.shared is not None
         wanted = providers[0]
         actual = self.decoder.get_providers()
@@ -51,21 +67,26 @@ class OnnxRuntimeBackend(Backend):
             )
         self.providers = actual
         if wanted == "CUDAExecutionProvider":
-            self.name = "onnxruntime-cuda"
-        self.embeddings = np.load(engine_dir / files["embeddings"], mmap_mode="r")
-        m = manifest["model"]
-        self.num_layers = int(m["num_layers"])
-        self.kv_heads = int(m["num_kv_heads"])
-        self.head_dim = int(m["head_dim"])
+            self.name = ORT_CUDA
+        path = manifest.path(engine_dir, files.embeddings)
+        try:
+            self.embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise EngineError(f"{path}: not a numpy embedding table ({e})") from e
+        m = manifest.model
+        if self.embeddings.shape != (m.vocab_size, m.hidden_size):
+            raise EngineError(
+                f"{path}: embedding table of shape {self.embeddings.shape}, the manifest's model needs "
+                f"{(m.vocab_size, m.hidden_size)}"
+            )
+        self.num_layers, self.kv_heads, self.head_dim = m.num_layers, m.num_kv_heads, m.head_dim
         self.cache_dtype = np.float32
-        self._past_names = [n for i in range(self.num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
-        self._prefix_names = [n for i in range(self.num_layers) for n in (f"prefix_key_{i}", f"prefix_value_{i}")]
-        self._out_names = ["logits"] + [
-            n for i in range(self.num_layers) for n in (f"present_key_{i}", f"present_value_{i}")
-        ]
+        self._past_names = past_names(self.num_layers)
+        self._prefix_names = prefix_names(self.num_layers)
+        self._out_names = decoder_io_names(self.num_layers)[1]
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        return self.vision.run(["image_tokens"], {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
+        return self.vision.run([VISION_OUTPUT], {VISION_INPUT: np.ascontiguousarray(pixels, np.float32)})[0]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(ids, np.int64)], dtype=np.float32)
@@ -98,9 +119,10 @@ class OnnxRuntimeBackend(Backend):
 
 
 def _step_feeds(embeds, attention_mask, position_ids, logits_index) -> dict:
-    return {
-        "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-        "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
-        "position_ids": np.ascontiguousarray(position_ids, np.int64),
-        "logits_index": np.ascontiguousarray(logits_index, np.int64),
-    }
+    arrays = (
+        np.ascontiguousarray(embeds, np.float32),
+        np.ascontiguousarray(attention_mask, np.int64),
+        np.ascontiguousarray(position_ids, np.int64),
+        np.ascontiguousarray(logits_index, np.int64),
+    )
+    return dict(zip(STEP_INPUTS, arrays))

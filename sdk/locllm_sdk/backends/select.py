@@ -7,20 +7,19 @@ else ``onnxruntime`` (CPU). The probes live in gpu_logic (tests fake them).
 
 from __future__ import annotations
 
+from ..errors import EngineError
+from ..manifest import ORT_CPU, ORT_CUDA, TENSORRT, EngineManifest
 from . import gpu_logic
 
 
-def choose_backend(manifest: dict) -> str:
-    backends = manifest["backends"]
+def choose_backend(manifest: EngineManifest) -> str:
+    backends = manifest.backends
     gpu = gpu_logic.has_cuda_gpu()
-    if gpu and gpu_logic.TENSORRT in backends and gpu_logic.has_tensorrt_runtime():
-        built = manifest.get("build_machine", {})
-        if not gpu_logic.compatibility_problems(built, gpu_logic.this_machine()):
-            return gpu_logic.TENSORRT
-    if "onnxruntime" in backends:
+    if gpu and TENSORRT in backends and gpu_logic.has_tensorrt_runtime():
+        if not gpu_logic.compatibility_problems(manifest.build_machine or {}, gpu_logic.this_machine()):
+            return TENSORRT
+    if ORT_CPU in backends:
         if gpu and gpu_logic.ort_cuda_provider_listed():
-            return gpu_logic.ORT_CUDA
-        return gpu_logic.ORT_CPU
-    from ..engine import EngineError
-
+            return ORT_CUDA
+        return ORT_CPU
     raise EngineError(f"no backend of this engine can run here (engine has: {', '.join(backends)})")

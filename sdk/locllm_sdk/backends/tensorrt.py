@@ -2,7 +2,7 @@
 
 Unlike the per-pass backends, TensorRT-LLM's executor schedules and generates on its own
 (in-flight batching, paged KV cache, guided decoding), so this backend is a whole-request
-engine: ``Pose`` calls ``encode_images`` then ``locate_rows`` (see pose.py ``_run``).
+engine (``base.RequestBackend``): the pipeline calls ``encode_images`` then ``locate_rows``.
 
 Per call:
   1. the crops go through the TensorRT vision plan (named I/O tensors, ``execute_async_v3``);
@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from ..decoding import DecodeStats
-from ..engine import EngineError
+from ..errors import EngineError
+from ..manifest import TENSORRT, EngineManifest, TensorRTEntry
 from ..protocol import MAX_NEW_TOKENS, AnswerGrammar, ParsedAnswer, PromptTokenizer, max_softmax, parse_answer
 from . import gpu_logic
-from .onnxruntime import BackendUnavailable
+from .base import BackendUnavailable, RequestBackend
 
 
 def _import_gpu_stack():
@@ -106,13 +107,13 @@ class TrtVisionRunner:
         return self.run_device(pixels).cpu().numpy()
 
 
-class TensorRTBackend:
-    name = "tensorrt"
+class TensorRTBackend(RequestBackend):
+    name = TENSORRT
 
     def __init__(
         self,
         engine_dir: str | Path,
-        manifest: dict,
+        manifest: EngineManifest,
         tokenizer: PromptTokenizer,
         grammar: AnswerGrammar,
         prefix_ids: tuple[int, ...],
@@ -122,22 +123,22 @@ class TensorRTBackend:
         trt, trtllm, torch, tle = _import_gpu_stack()
         self.torch, self.tle = torch, tle
         engine_dir = Path(engine_dir)
-        entry = manifest["backends"]["tensorrt"]
+        entry: TensorRTEntry = manifest.backend(TENSORRT)
         here = dict(gpu_logic.this_machine(device))
         here.update(tensorrt=trt.__version__, tensorrt_llm=trtllm.__version__)
-        gpu_logic.check_compatibility(manifest.get("build_machine", {}), here)
+        gpu_logic.check_compatibility(manifest.build_machine or {}, here)
         self.machine = here
         self.entry = entry
         self.device = torch.device("cuda", device)
-        io = entry["vision_io"]
-        self.vision = TrtVisionRunner(engine_dir / entry["vision_plan"], io["input"], io["output"], device)
+        plan = manifest.path(engine_dir, entry.vision_plan)
+        self.vision = TrtVisionRunner(plan, entry.vision_input, entry.vision_output, device)
         self.tokenizer, self.grammar = tokenizer, grammar
         self.prefix_ids = tuple(prefix_ids)
-        self.vocab_size = int(manifest["model"]["vocab_size"])
+        self.vocab_size = manifest.model.vocab_size
         self.dims = grammar.dims
-        self.table_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[entry["decoder_dtype"]]
-        self.max_table_rows = int(entry["prompt_table"]["rows_per_request"])
-        self.max_input_len = int(entry["lengths"]["max_input_len"])
+        self.table_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[entry.decoder_dtype]
+        self.max_table_rows = entry.prompt_table_rows
+        self.max_input_len = entry.max_input_len
 
         def text_of(t: int) -> str:
             return gpu_logic.piece_text(tokenizer.piece(t))
@@ -159,7 +160,7 @@ class TensorRTBackend:
             guided_decoding_config=guided,
             gather_generation_logits=True,
         )
-        self.executor = tle.Executor(engine_dir / entry["trtllm_dir"], tle.ModelType.DECODER_ONLY, config)
+        self.executor = tle.Executor(engine_dir / entry.trtllm_dir, tle.ModelType.DECODER_ONLY, config)
         self.greedy = tle.SamplingConfig(beam_width=1, top_k=1)
 
     # ----------------------------------------------------------------------------------
@@ -260,8 +261,8 @@ class TensorRTBackend:
         return {
             "backend": self.name,
             "machine": self.machine,
-            "vision_precision": self.entry.get("vision_precision"),
-            "decoder_precision": self.entry.get("decoder_precision"),
+            "vision_precision": self.entry.vision_precision,
+            "decoder_precision": self.entry.decoder_precision,
             "answer_regex": self.regex,
         }
 

@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from locllm_sdk.protocol import DEPTH_RANGE_MM, depth_to_unit
 
-from .scene import DEPTH_RANGE_MM, ROOT, Sample, caption
+from .scene import ROOT, Sample, caption
 from .skeleton import COCO17, COCO_LIMBS, EXT_LIMBS, JOINT_NAMES, NUM_COCO
 
 CAPTION_PROMPTS = [
@@ -56,7 +57,7 @@ def flat_keypoints(uv: np.ndarray, vis: np.ndarray) -> list[float]:
 
 def z_norm(joints_cam: np.ndarray) -> np.ndarray:
     """Human3.6M root-relative depth as LocLLM answers it: (z - z_pelvis)/2000 + 0.5."""
-    return (joints_cam[:, 2] - joints_cam[ROOT, 2]) / DEPTH_RANGE_MM + 0.5
+    return depth_to_unit(joints_cam[:, 2] - joints_cam[ROOT, 2])
 
 
 def sample_records(

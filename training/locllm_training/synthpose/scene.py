@@ -26,7 +26,6 @@ from .render import (
 from .skeleton import JOINT_NAMES, NUM_COCO, NUM_JOINTS, J
 
 ROOT = J["pelvis"]  # Human3.6M convention: depth is relative to the pelvis
-DEPTH_RANGE_MM = 2000.0  # z_norm = (depth - root_depth) / 2000 + 0.5
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 # (name, RGB) palettes; names feed the captions.

@@ -7,13 +7,11 @@ name goes verbatim into the LocLLM question.
 
 from __future__ import annotations
 
-# The 17 COCO joints in COCO order (``coco17`` skeleton of keypoints.yaml).
-COCO17: list[str] = [
-    "nose", "left eye", "right eye", "left ear", "right ear",
-    "left shoulder", "right shoulder", "left elbow", "right elbow",
-    "left wrist", "right wrist", "left hip", "right hip",
-    "left knee", "right knee", "left ankle", "right ankle",
-]  # fmt: skip
+from locllm_sdk.descriptions import coco17
+
+# The 17 COCO joints in COCO order and their limbs (0-based): the ``coco17`` skeleton of
+# descriptions/keypoints.yaml, the one definition.
+COCO17: list[str] = list(coco17().keypoints)
 
 # Extra joints appended after COCO, so ``keypoints_ext[:17] == keypoints``.
 EXTRA: list[str] = ["neck", "pelvis", "head_top", "thorax", "torso"]
@@ -23,11 +21,7 @@ NUM_COCO = len(COCO17)
 NUM_JOINTS = len(JOINT_NAMES)
 J: dict[str, int] = {n: i for i, n in enumerate(JOINT_NAMES)}
 
-# COCO limbs, 0-based (same list as keypoints.yaml coco17.limbs).
-COCO_LIMBS: list[tuple[int, int]] = [
-    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
-    (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
-]  # fmt: skip
+COCO_LIMBS: list[tuple[int, int]] = [tuple(limb) for limb in coco17().limbs]
 
 # Extended skeleton: the COCO limbs plus a spine chain through the extra joints.
 EXT_LIMBS: list[tuple[int, int]] = COCO_LIMBS + [

@@ -1,0 +1,47 @@
+"""The SDK's error types: every error a caller should handle is one of these.
+
+All derive from ``LocLLMError``; each also derives from the built-in type it refines
+(``ValueError`` for bad input, ``RuntimeError`` for a backend that cannot run), so code
+written against the built-ins keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LocLLMError(Exception):
+    """Base of every error raised by locllm_sdk on purpose."""
+
+
+class EngineError(LocLLMError, ValueError):
+    """A malformed, incomplete, corrupt or incompatible engine directory."""
+
+
+class CheckpointError(LocLLMError, ValueError):
+    """A checkpoint directory is missing files or does not match its config."""
+
+
+class ProtocolError(LocLLMError, ValueError):
+    """The tokenizer, a prompt or an answer does not fit the LocLLM protocol."""
+
+
+class ImageError(LocLLMError, ValueError):
+    """The image cannot be used: unreadable, wrong type, shape or dtype."""
+
+
+class BoxError(LocLLMError, ValueError):
+    """A person box is malformed, degenerate or outside the image."""
+
+
+class KeypointError(LocLLMError, ValueError):
+    """The keypoint request is malformed (not names, empty, repeated, bad description)."""
+
+
+class UnknownKeypointError(LocLLMError, KeyError):
+    """A keypoint name that the library does not describe and the caller gave no text for."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+class BackendUnavailable(LocLLMError, RuntimeError):
+    """The backend asked for cannot run here (missing package, provider, device)."""

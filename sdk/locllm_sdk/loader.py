@@ -1,0 +1,297 @@
+"""Loading: a model path + a backend name -> what the pipeline runs.
+
+A model path is one of three kinds (``model_kind``): an engine directory (``manifest.json``),
+our checkpoint format (``config.json`` with ``format: locllm-sdk-checkpoint``), or a public
+LocLLM checkpoint (``config.json`` with ``model_type: locllm``). ``load`` returns a
+``LoadedModel``: the ``ModelSpec`` (what the runtime must know about the model), the backend
+that runs its graphs, and the keypoint description library it was built with.
+
+Backends are made by one factory per backend name (``BACKEND_FACTORIES``); each verifies
+the engine files it opens against the manifest before opening them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.base import Backend, RequestBackend
+from .descriptions import DescriptionLibrary
+from .errors import CheckpointError, EngineError, ProtocolError
+from .manifest import (
+    AUTO,
+    BACKEND_NAMES,
+    DESCRIPTIONS_FILE,
+    ENTRY_OF_BACKEND,
+    MANIFEST,
+    ORT_CPU,
+    ORT_CUDA,
+    TENSORRT,
+    TORCH,
+    EngineManifest,
+    kv_bytes_per_token,
+    llm_head_dim,
+)
+from .protocol import PROTOCOL_VERSION, TOKENIZER_READS, AnswerGrammar, PromptTokenizer, build_grammar
+
+ENGINE, CHECKPOINT, OFFICIAL = "engine", "checkpoint", "official"
+OFFICIAL_MODEL_TYPE = "locllm"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the runtime needs to know about a model, from a manifest or a checkpoint."""
+
+    image_size: int
+    num_patches: int
+    coord_dims: int
+    norm_mean: tuple[float, ...]
+    norm_std: tuple[float, ...]
+    tokenizer: PromptTokenizer
+    grammar: AnswerGrammar
+    prefix_ids: tuple[int, ...]
+    kv_bytes_per_token: int = 0  # one row's K+V over all layers, fp32
+    max_positions: int | None = None  # the LM's max_position_embeddings
+    hidden_size: int = 0
+    vocab_size: int = 0
+    vision_hidden_size: int = 0
+    num_layers: int = 0
+
+    @classmethod
+    def from_manifest(cls, engine_dir: Path, manifest: EngineManifest) -> ModelSpec:
+        m, t = manifest.model, manifest.tokenizer
+        if manifest.protocol_version != PROTOCOL_VERSION:
+            raise EngineError(
+                f"engine protocol {manifest.protocol_version!r} differs from this runtime's {PROTOCOL_VERSION!r}"
+            )
+        # every file the tokenizer reads must be one the manifest lists (and so checksums)
+        tokenizer_dir = manifest.path(engine_dir, f"{t.dir}/tokenizer.model").parent
+        for name in TOKENIZER_READS:
+            if (tokenizer_dir / name).exists():
+                manifest.path(engine_dir, f"{t.dir}/{name}")
+        try:
+            tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
+        except (ProtocolError, FileNotFoundError) as e:
+            raise EngineError(f"{engine_dir}: the engine's tokenizer cannot be read: {e}") from e
+        try:
+            grammar = AnswerGrammar.from_dict(t.answer_grammar)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"{engine_dir}: manifest field 'tokenizer.answer_grammar' is malformed ({e})") from e
+        # The ids the engine was built with must be the ids this runtime produces.
+        s = tokenizer.spec
+        flags = {
+            "legacy": s.legacy,
+            "bos_id": s.bos_id,
+            "eos_id": s.eos_id,
+            "pad_id": s.pad_id,
+            "im_patch_id": s.im_patch_id,
+        }
+        changed = [f"{k} {getattr(t, k)!r} -> {v!r}" for k, v in flags.items() if getattr(t, k) != v]
+        if changed:
+            raise EngineError(
+                f"{engine_dir}: tokenizer settings {', '.join(changed)} differ from the manifest's: they change "
+                "the prompt ids, so the engine is refused (rebuild it)"
+            )
+        prefix = tuple(tokenizer.prefix_ids(m.num_patches))
+        if prefix != t.prefix_ids or build_grammar(tokenizer, grammar.dims) != grammar:
+            raise EngineError(
+                f"{engine_dir}: tokenizer ids differ from the manifest's (tokenizer files or runtime changed)"
+            )
+        return cls(
+            image_size=m.image_size,
+            num_patches=m.num_patches,
+            coord_dims=m.coord_dims,
+            norm_mean=m.norm_mean,
+            norm_std=m.norm_std,
+            tokenizer=tokenizer,
+            grammar=grammar,
+            prefix_ids=prefix,
+            kv_bytes_per_token=m.kv_bytes_per_token,
+            max_positions=m.max_position_embeddings,
+            hidden_size=m.hidden_size,
+            vocab_size=m.vocab_size,
+            vision_hidden_size=m.vision_hidden_size,
+            num_layers=m.num_layers,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict, tokenizer: PromptTokenizer, source: str = "config.json") -> ModelSpec:
+        """From our checkpoint's config.json (as a dict) and its tokenizer."""
+        try:
+            llm = config["llm"]
+            dims = int(config["coord_dims"])
+            image_size, num_patches = int(config["image_size"]), int(config["num_patches"])
+            heads = int(llm["num_attention_heads"])
+            head_dim = llm_head_dim(llm["hidden_size"], heads, llm.get("head_dim"))
+            kv = kv_bytes_per_token(llm["num_hidden_layers"], llm.get("num_key_value_heads") or heads, head_dim)
+            im_patch = int(config["im_patch_token_id"])
+            spec = dict(
+                image_size=image_size,
+                num_patches=num_patches,
+                coord_dims=dims,
+                norm_mean=tuple(float(v) for v in config["norm_mean"]),
+                norm_std=tuple(float(v) for v in config["norm_std"]),
+                kv_bytes_per_token=kv,
+                max_positions=int(llm.get("max_position_embeddings") or 0) or None,
+                hidden_size=int(llm["hidden_size"]),
+                vocab_size=int(llm["vocab_size"]),
+                vision_hidden_size=int(config["vision"]["hidden_size"]),
+                num_layers=int(llm["num_hidden_layers"]),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: field {e.args[0]!r} is missing") from e
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: malformed field ({e})") from e
+        if tokenizer.spec.im_patch_id != im_patch:
+            raise CheckpointError(f"{source}: <im_patch> id in the tokenizer differs from config.json")
+        return cls(
+            tokenizer=tokenizer,
+            grammar=build_grammar(tokenizer, dims),
+            prefix_ids=tuple(tokenizer.prefix_ids(num_patches)),
+            **spec,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path) -> ModelSpec:
+        return cls.from_config(
+            read_config(checkpoint), PromptTokenizer.from_dir(checkpoint), str(checkpoint / "config.json")
+        )
+
+
+# --------------------------------------------------------------------------------------
+# What a path is
+
+
+def read_config(directory: Path) -> dict:
+    """A checkpoint's config.json as a dict; CheckpointError naming the file otherwise."""
+    path = Path(directory) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{directory}: no config.json (is this a LocLLM checkpoint directory?)") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a config is a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_official_config(path: str | Path) -> dict | None:
+    """The official ``config.json`` as a dict, or None when ``path`` is not an official dir."""
+    try:
+        cfg = read_config(Path(path))
+    except CheckpointError:
+        return None
+    return cfg if cfg.get("model_type") == OFFICIAL_MODEL_TYPE else None
+
+
+def model_kind(path: str | Path) -> str:
+    """``engine``, ``checkpoint`` (ours) or ``official`` (a public LocLLM directory)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EngineError(f"model path not found or not a directory: {path}")
+    if (path / MANIFEST).is_file():
+        return ENGINE
+    if (path / "config.json").is_file():
+        return OFFICIAL if read_official_config(path) is not None else CHECKPOINT
+    raise EngineError(f"{path} is not an engine directory: {MANIFEST} is missing (nor a checkpoint: no config.json)")
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    kind: str
+    backend_name: str
+    spec: ModelSpec
+    backend: Backend | RequestBackend
+    library: DescriptionLibrary
+    manifest: EngineManifest | None = None
+    # a public checkpoint is converted into a temporary directory that lives as long as this
+    keep_alive: list = field(default_factory=list)
+
+
+def _torch_backend(checkpoint: Path, threads: int | None) -> tuple[Backend, ModelSpec, list]:
+    """The torch backend of a checkpoint (ours, or a public one converted on the fly)."""
+    from .backends.torch_ref import TorchBackend
+
+    keep: list = []
+    if read_official_config(checkpoint) is not None:
+        try:
+            from locllm_training.official import convert_official
+        except ImportError as e:
+            raise ImportError(
+                "loading a public LocLLM checkpoint needs the training extra: pip install 'locllm-sdk[train]'"
+            ) from e
+        tmp = tempfile.TemporaryDirectory(prefix="locllm-official-")
+        keep.append(tmp)
+        checkpoint = convert_official(checkpoint, Path(tmp.name) / "checkpoint").output
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    backend = TorchBackend(checkpoint, threads=threads)
+    for f in checkpoint.glob("model*.safetensors*") if keep else ():
+        f.unlink()  # the backend holds the weights in memory now; keep config and tokenizer
+    return backend, spec, keep
+
+
+def _ort_factory(provider: str | None) -> Callable:
+    def make(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None):
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(engine_dir, manifest, providers=[provider] if provider else None, threads=threads)
+
+    return make
+
+
+def _tensorrt_factory(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None):
+    from .backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(engine_dir, manifest, spec.tokenizer, spec.grammar, spec.prefix_ids)
+
+
+# backend name -> (engine dir, manifest, spec, threads) -> backend; its files are verified before
+BACKEND_FACTORIES: dict[str, Callable] = {
+    ORT_CPU: _ort_factory(None),
+    ORT_CUDA: _ort_factory("CUDAExecutionProvider"),
+    TENSORRT: _tensorrt_factory,
+}
+
+
+def load(path: str | Path, backend: str = AUTO, threads: int | None = None, verify: bool = True) -> LoadedModel:
+    """Load an engine directory or a checkpoint for ``backend`` (see ``BACKEND_NAMES``)."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    path = Path(path)
+    kind = model_kind(path)
+    if kind != ENGINE:
+        if backend not in (AUTO, TORCH):
+            raise EngineError(
+                f"{path} is a checkpoint, not an engine: build one with export/build_engines.py, or use backend='torch'"
+            )
+        runner, spec, keep = _torch_backend(path, threads)
+        return LoadedModel(path, kind, TORCH, spec, runner, DescriptionLibrary.load(), keep_alive=keep)
+    manifest = EngineManifest.read(path)
+    if backend == AUTO:
+        from .backends.select import choose_backend
+
+        backend = choose_backend(manifest)
+    if backend == TORCH:
+        source = Path(manifest.model.source_checkpoint)
+        if not (source / "config.json").is_file():
+            raise EngineError(
+                f"backend='torch' needs the source checkpoint; the manifest names {str(source)!r}, which is not there"
+            )
+        manifest.verify_files(path, manifest.shared_files(), checksums=verify)
+        spec = ModelSpec.from_manifest(path, manifest)
+        runner, _, keep = _torch_backend(source, threads)
+    else:
+        manifest.verify_files(path, manifest.files_of_backend(ENTRY_OF_BACKEND[backend]), checksums=verify)
+        spec = ModelSpec.from_manifest(path, manifest)
+        runner, keep = BACKEND_FACTORIES[backend](path, manifest, spec, threads), []
+    library = DescriptionLibrary.load(manifest.path(path, DESCRIPTIONS_FILE))
+    return LoadedModel(path, ENGINE, backend, spec, runner, library, manifest, keep)

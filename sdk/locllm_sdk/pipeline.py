@@ -1,0 +1,338 @@
+"""The pipeline: crop -> vision -> prefix -> suffixes -> digits -> coordinates.
+
+One definition, called by ``Pose``, training's validation, the benchmarks and the tests:
+
+* ``locate_in_image``: an image, person boxes and keypoint requests -> coordinates in image
+  pixels, scores and answer texts (``ImageAnswers``); crops are made chunk by chunk;
+* ``locate_crops``: normalised crops and requests -> normalised answers (``CropAnswers``);
+* ``flip_merge``: flip test-time augmentation's average of plain and mirrored answers.
+
+Memory is bounded per call whatever the number of boxes and keypoints: crops go through the
+vision tower, the prefix prefill and the decoding in chunks of crops whose working set fits
+``memory_budget_mb``, and within a chunk the rows are decoded in chunks whose KV cache fits
+what is left. Chunking changes no answer: every crop and every row is computed on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import crop as cropping
+from .backends.base import Backend, RequestBackend
+from .decoding import DecodeStats, constrained_decode, free_decode, prefill_prefix, split_common_head
+from .descriptions import KeypointRequest
+from .errors import ProtocolError
+from .loader import ModelSpec
+from .protocol import MAX_NEW_TOKENS, ParsedAnswer
+
+DECODING = ("constrained", "free")
+DEFAULT_MEMORY_BUDGET_MB = 1024.0
+_FLOAT = 4  # bytes: activations, logits and the KV cache are fp32
+
+
+@dataclass(frozen=True)
+class CropAnswers:
+    """Answers for rows laid out crop by crop (row ``i * K + j``: crop i, request j)."""
+
+    values: np.ndarray  # [R, dims] normalised crop coordinates (z in the protocol's unit)
+    answers: list[ParsedAnswer]
+    stats: DecodeStats
+
+
+@dataclass(frozen=True)
+class ImageAnswers:
+    """Per box and request: image-pixel x, y (and depth unit z), score, answer texts."""
+
+    values: np.ndarray  # [N, K, dims]: x, y in image pixels; z in the protocol's unit (0.5 = root)
+    scores: np.ndarray  # [N, K]
+    texts: list[list[str]]
+    flip_texts: list[list[str]]  # "" without flip
+    stats: DecodeStats
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+
+
+def row_bytes(spec: ModelSpec, backend, row_tokens: int, prefix_len: int) -> int:
+    """Working memory of one decoded row: its KV cache (input and output of a pass alive at
+    once), plus a prefix copy without cascade attention, and the logits it reads."""
+    tokens = row_tokens + (0 if getattr(backend, "supports_shared_prefix", False) else prefix_len)
+    logits = logits_per_pass(spec.grammar) * max(spec.vocab_size, 1) * _FLOAT
+    return 2 * spec.kv_bytes_per_token * tokens + logits
+
+
+def logits_per_pass(grammar) -> int:
+    """The most vocabulary rows one constrained pass reads per row (free decoding reads 1):
+    the scored answer positions since the previous pass, up to a free digit."""
+    needed = set(grammar.free_positions) | {p for a, b in grammar.number_spans for p in range(a, b)}
+    most = count = 0
+    for j, slot in enumerate(grammar.slots):
+        count += j in needed
+        if slot == grammar.FREE or j == max(needed):
+            most, count = max(most, count), 0
+    return max(most, 1)
+
+
+def crop_bytes(spec: ModelSpec, prefix_len: int) -> int:
+    """Working memory of one crop: pixels, vision activations (an estimate: a few hidden-state
+    copies and the attention scores of one layer), image tokens, the prefix's prefill
+    activations and its KV cache."""
+    s, p = spec.image_size, spec.num_patches
+    hv = spec.vision_hidden_size or spec.hidden_size
+    vision = (p + 1) * hv * 8 + max(hv // 64, 1) * (p + 1) ** 2
+    prefill = prefix_len * spec.hidden_size * 12 + max(spec.hidden_size // 64, 1) * prefix_len**2
+    return _FLOAT * (3 * s * s + vision + p * spec.hidden_size + prefill) + 2 * spec.kv_bytes_per_token * prefix_len
+
+
+def crops_per_chunk(spec: ModelSpec, backend, k: int, max_suffix: int, budget_mb: float) -> int:
+    """How many crops (with all their k rows) one chunk holds within ``budget_mb``."""
+    prefix_len = len(spec.prefix_ids) + max_suffix  # an upper bound of prefix + common head
+    per_crop = crop_bytes(spec, prefix_len) + k * row_bytes(
+        spec, backend, max_suffix + len(spec.grammar.slots), prefix_len
+    )
+    return max(1, int(budget_mb * 2**20 // max(per_crop, 1)))
+
+
+def row_chunks(
+    spec: ModelSpec, backend, n_crops: int, k: int, max_suffix: int, prefix_len: int, decoding: str, budget_mb: float
+) -> list[np.ndarray]:
+    """Row index chunks whose decoding memory fits what ``budget_mb`` leaves after the crops'
+    own working set; whole persons per chunk where they fit (cascade attention wants equal
+    runs per crop; free decoding's stop rule needs whole persons)."""
+    left = budget_mb * 2**20 - n_crops * crop_bytes(spec, prefix_len)
+    per_row = max(1, row_bytes(spec, backend, max_suffix + len(spec.grammar.slots), prefix_len))
+    max_rows = max(1, int(max(left, 0) // per_row))
+    n = n_crops * k
+    if max_rows >= n:
+        return [np.arange(n)]
+    if decoding == "free" or max_rows >= k:  # whole persons per chunk (at least one)
+        per_chunk = max(1, max_rows // k) * k
+    else:
+        per_chunk = max_rows
+    return [np.arange(i, min(i + per_chunk, n)) for i in range(0, n, per_chunk)]
+
+
+# --------------------------------------------------------------------------------------
+# Crops -> answers
+
+
+def _merge_stats(a: DecodeStats | None, b: DecodeStats) -> DecodeStats:
+    """Chunks run one after the other: passes and rows add up; the widest row and prefix are kept."""
+    if a is None:
+        return b
+    return DecodeStats(
+        a.decoder_passes + b.decoder_passes,
+        a.rows + b.rows,
+        max(a.prefix_tokens, b.prefix_tokens),
+        max(a.max_suffix_tokens, b.max_suffix_tokens),
+    )
+
+
+def _decode_chunk(
+    backend: Backend | RequestBackend,
+    spec: ModelSpec,
+    pixels: np.ndarray,
+    suffix: list[list[int]],
+    decoding: str,
+    budget_mb: float,
+) -> tuple[list[ParsedAnswer], DecodeStats]:
+    """One chunk of crops: vision once per crop, then every (crop, request) row."""
+    image_tokens = backend.encode_images(pixels)
+    n_crops, k = pixels.shape[0], len(suffix)
+    crop_of_row = np.repeat(np.arange(n_crops), k)
+    if isinstance(backend, RequestBackend):  # whole-request engines (tensorrt) schedule themselves
+        return backend.locate_rows(image_tokens, crop_of_row, suffix * n_crops, decoding)
+    # The rounds' common first tokens join the prefix: computed once per crop, not per row.
+    head, tails = split_common_head(suffix)
+    prefix_ids = list(spec.prefix_ids) + head
+    prefix_cache = prefill_prefix(backend, prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
+    del image_tokens
+    rows_tails = tails * n_crops
+    answers: list[ParsedAnswer] = []
+    stats = None
+    for rows in row_chunks(spec, backend, n_crops, k, max(map(len, tails)), len(prefix_ids), decoding, budget_mb):
+        sub = [rows_tails[i] for i in rows]
+        if decoding == "constrained":
+            part, st = constrained_decode(
+                backend, prefix_cache, len(prefix_ids), crop_of_row[rows], sub, spec.grammar, spec.tokenizer
+            )
+        else:
+            part, st = free_decode(
+                backend,
+                prefix_cache,
+                len(prefix_ids),
+                crop_of_row[rows],
+                sub,
+                crop_of_row[rows],
+                MAX_NEW_TOKENS[spec.coord_dims],
+                spec.coord_dims,
+                spec.tokenizer,
+            )
+        answers += part
+        stats = _merge_stats(stats, st)
+    return answers, stats
+
+
+def _suffixes(spec: ModelSpec, requests: Sequence[KeypointRequest]) -> list[list[int]]:
+    """Each request's round ids, refused before any model work when prompt + answer would run
+    past the model's context (positions beyond ``max_position_embeddings`` were never trained)."""
+    out = []
+    answer = max(len(spec.grammar.slots) + 1, MAX_NEW_TOKENS[spec.coord_dims])
+    for r in requests:
+        ids = spec.tokenizer.round_ids(r.name, r.description)
+        total = len(spec.prefix_ids) + len(ids) + answer
+        if spec.max_positions and total > spec.max_positions:
+            raise ProtocolError(
+                f"keypoint {r.name!r}: its prompt is {len(spec.prefix_ids) + len(ids)} tokens ({len(spec.prefix_ids)} "
+                f"image prefix + {len(ids)} description and question) + {answer} answer tokens = {total}, past the "
+                f"model's context of {spec.max_positions} positions: shorten the description"
+            )
+        out.append(ids)
+    return out
+
+
+def _run_chunks(
+    backend,
+    spec: ModelSpec,
+    n_crops: int,
+    make_pixels: Callable[[np.ndarray], np.ndarray],
+    requests,
+    decoding,
+    budget_mb,
+) -> CropAnswers:
+    """Crops ``make_pixels(indices)`` chunk by chunk (the caller decides how a chunk is made)."""
+    if decoding not in DECODING:
+        raise ValueError(f"decoding must be one of {DECODING}, got {decoding!r}")
+    suffix = _suffixes(spec, requests)
+    size = crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), budget_mb)
+    answers: list[ParsedAnswer] = []
+    stats = None
+    for start in range(0, n_crops, size):
+        part, st = _decode_chunk(
+            backend, spec, make_pixels(np.arange(start, min(start + size, n_crops))), suffix, decoding, budget_mb
+        )
+        answers += part
+        stats = _merge_stats(stats, st)
+    values = np.array([a.values for a in answers], dtype=np.float64).reshape(len(answers), spec.coord_dims)
+    return CropAnswers(values, answers, stats)
+
+
+def locate_crops(
+    backend: Backend | RequestBackend,
+    spec: ModelSpec,
+    pixels: np.ndarray,
+    requests: Sequence[KeypointRequest],
+    decoding: str = "constrained",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+) -> CropAnswers:
+    """Normalised crops [N,3,S,S] and keypoint requests -> every (crop, request) answer."""
+    return _run_chunks(backend, spec, pixels.shape[0], lambda idx: pixels[idx], requests, decoding, memory_budget_mb)
+
+
+# --------------------------------------------------------------------------------------
+# Flip test-time augmentation
+
+
+def flip_merge(
+    plain: CropAnswers, mirrored: CropAnswers, crop_size: int
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Average each plain answer with its mirrored crop's answer (x mirrored back).
+
+    ``plain`` and ``mirrored`` hold the same rows (crop i, request j at i * k + j); a
+    flipped crop's pixel column u is the plain crop's column ``size - 1 - u``. An incomplete
+    answer (free decoding only) has no value to average: the other one stands.
+    Returns (values [R, dims], scores [R], plain texts, mirrored texts)."""
+    size = float(crop_size)
+    v_plain, v_other = plain.values, mirrored.values.copy()
+    v_other[:, 0] = (size - 1.0) / size - v_other[:, 0]
+    ok_plain = np.array([a.complete for a in plain.answers])
+    ok_other = np.array([a.complete for a in mirrored.answers])
+    w = np.where(ok_plain & ok_other, 0.5, np.where(ok_other, 0.0, 1.0))
+    values = w[:, None] * v_plain + (1.0 - w[:, None]) * v_other
+    scores = np.array([wp * a.score + (1.0 - wp) * b.score for a, b, wp in zip(plain.answers, mirrored.answers, w)])
+    return values, scores, [a.text for a in plain.answers], [b.text for b in mirrored.answers]
+
+
+def _select_rows(result: CropAnswers, rows: Sequence[int]) -> CropAnswers:
+    return CropAnswers(result.values[list(rows)], [result.answers[r] for r in rows], result.stats)
+
+
+def locate_crops_flipped(
+    backend, spec: ModelSpec, pixels: np.ndarray, requests, mirrored, decoding, memory_budget_mb
+) -> tuple[CropAnswers, CropAnswers]:
+    """(plain, mirrored) answers from one run over the plain and the mirrored crops, with the
+    union of the requests and their mirrors (a left/right-symmetric set like coco17 is its
+    own mirror: no extra rows)."""
+    n = pixels.shape[0]
+    union = list(dict.fromkeys(list(requests) + list(mirrored)))
+    row_of = {r: j for j, r in enumerate(union)}
+    both = np.concatenate([pixels, pixels[..., ::-1]])  # a copy: contiguous
+    run = locate_crops(backend, spec, both, union, decoding, memory_budget_mb)
+    u = len(union)
+    plain = _select_rows(run, [i * u + row_of[r] for i in range(n) for r in requests])
+    other = _select_rows(run, [(n + i) * u + row_of[m] for i in range(n) for m in mirrored])
+    return plain, other
+
+
+# --------------------------------------------------------------------------------------
+# Image -> coordinates
+
+
+def crop_batch(image: np.ndarray, geometries: Sequence[cropping.CropGeometry], spec: ModelSpec) -> np.ndarray:
+    """Normalised crops [N,3,S,S] of ``image`` (RGB uint8) with the model's statistics."""
+    crops = np.stack([cropping.warp(image, g) for g in geometries])
+    return cropping.normalize(crops, spec.norm_mean, spec.norm_std)
+
+
+def locate_in_image(
+    backend: Backend | RequestBackend,
+    spec: ModelSpec,
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    requests: Sequence[KeypointRequest],
+    decoding: str = "constrained",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    mirrored: Sequence[KeypointRequest] | None = None,
+) -> ImageAnswers:
+    """Boxes ``[x, y, w, h]`` of an RGB uint8 image -> keypoints in image pixels.
+
+    ``mirrored``: flip test-time augmentation, with the mirrored request of each request
+    (``DescriptionLibrary.mirror``); the answers are averaged by ``flip_merge``."""
+    h, w = image.shape[:2]
+    geoms = [cropping.crop_geometry(b, (h, w), spec.image_size) for b in boxes]
+    n, k, size = len(geoms), len(requests), spec.image_size
+    if mirrored is None:
+        run = _run_chunks(
+            backend, spec, n, lambda idx: crop_batch(image, [geoms[i] for i in idx], spec), requests, decoding,
+            memory_budget_mb,
+        )  # fmt: skip
+        values, scores = run.values, np.array([a.score for a in run.answers])
+        texts, flip_texts, stats = [a.text for a in run.answers], [""] * len(run.answers), run.stats
+    else:
+        # chunk the boxes here: each chunk runs its plain and mirrored crops together
+        suffix = _suffixes(spec, list(dict.fromkeys(list(requests) + list(mirrored))))
+        step = max(1, crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), memory_budget_mb) // 2)
+        parts, stats = [], None
+        for start in range(0, n, step):
+            px = crop_batch(image, geoms[start : start + step], spec)
+            plain, other = locate_crops_flipped(backend, spec, px, requests, mirrored, decoding, memory_budget_mb)
+            parts.append(flip_merge(plain, other, size))
+            stats = _merge_stats(stats, plain.stats)
+        values = np.concatenate([p[0] for p in parts])
+        scores = np.concatenate([p[1] for p in parts])
+        texts = [t for p in parts for t in p[2]]
+        flip_texts = [t for p in parts for t in p[3]]
+    values = values.reshape(n, k, spec.coord_dims).copy()
+    for i, g in enumerate(geoms):
+        values[i, :, :2] = cropping.to_image_coords(values[i, :, :2] * size, g.inverse)
+    return ImageAnswers(
+        values=values,
+        scores=scores.reshape(n, k),
+        texts=[texts[i * k : (i + 1) * k] for i in range(n)],
+        flip_texts=[flip_texts[i * k : (i + 1) * k] for i in range(n)],
+        stats=stats,
+    )
