@@ -1,6 +1,11 @@
 """A sweep of bad or unusual inputs, as a new user would try them, against a real engine.
 
-    python benchmarks/bad_inputs.py [--engine ENGINE_DIR] [--checkpoint CKPT] [--json OUT]
+    python benchmarks/bad_inputs.py [--engine ENGINE_DIR] [--checkpoint CKPT] [--json OUT] [--only boxes,cli]
+
+Classes: boxes, images, keypoints, engine (damaged copies of the engine directory),
+checkpoint (damaged copies of the checkpoint, run with backend="torch"), predict
+(``predict_coco`` on malformed COCO files) and cli (``python -m locllm_sdk.cli`` in a
+subprocess).
 
 Without --engine it builds a small test model first (a tiny random checkpoint, image size
 56, and its ONNX engine, in a temporary directory: a few tens of seconds). --checkpoint is
@@ -13,7 +18,8 @@ Each case is run and judged by one of two rules:
   ``locllm_sdk.errors.LocLLMError``). Any other exception (IndexError, TypeError, numpy, cv2,
   yaml, json, safetensors or ONNX Runtime errors, a KeyError that is not an
   UnknownKeypointError...) or a silent success is a FAIL. For CLI cases: exit code 2, exactly
-  one line on stderr starting with ``locllm: error:``, no traceback and no file written.
+  one line on stderr starting with ``locllm: error:`` that says something (3 words or more, not
+  a bare key name), no traceback and no file written.
 * correct result (unusual but valid input): it must return a result that is right, e.g. an
   xyxy box gives the answers of the equivalent xywh box, a PNG the answers of the array with
   its pixels, a JPEG with an EXIF orientation the answers of its upright pixels.
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +56,6 @@ for _sub in ("sdk", "training", "export"):
     sys.path.insert(0, str(_ROOT / _sub))
 
 import cv2  # noqa: E402
-
 from locllm_sdk import Pose  # noqa: E402
 from locllm_sdk.errors import LocLLMError  # noqa: E402
 
@@ -57,7 +63,10 @@ ERR, RES = "clear error", "correct result"
 KP = ["nose", "left wrist"]  # the keypoints the comparisons ask for
 H, W = 96, 128  # the test image
 BOX = [20.0, 10.0, 60.0, 70.0]  # xywh, inside the image
-SCORE_TOL = 1e-5  # same pixels through the same engine: the same answers, scores to float noise
+GOT_WIDTH = 128  # the table's got column (the JSON rows hold it whole)
+# same pixels through the same engine: the same answers, scores equal to float noise (relative; the tiny
+# random model's scores are ~1e-4 and move by ~0.5% when the image shifts by one pixel)
+SCORE_TOL = 1e-4
 
 
 @dataclass
@@ -91,8 +100,8 @@ class Ctx:
             p.write_bytes(data)
         return p
 
-    def locate(self, image=None, keypoints=KP, boxes=..., **kw):
-        image = self.img if image is None else image
+    def locate(self, image=..., keypoints=KP, boxes=..., **kw):
+        image = self.img if image is ... else image
         return self.pose.locate(image, keypoints, boxes=[BOX] if boxes is ... else boxes, **kw)
 
 
@@ -181,45 +190,55 @@ def sha256(path: Path) -> str:
 # Judging
 
 
+SCRUB: dict[str, str] = {}  # long paths -> short names in what the table shows (set by main)
+
+
+def scrub(text: str) -> str:
+    for long, name in SCRUB.items():
+        text = text.replace(long, name)
+    return " ".join(text.split())
+
+
 def short(e: BaseException) -> str:
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return f"{type(e).__name__}: {' '.join(msg.split())[:100]}"
+    return f"{type(e).__name__}: {scrub(msg)[:100]}"
 
 
 def describe(value: object) -> str:
     if hasattr(value, "persons"):
-        kps = [f"{k.name}=({k.x:.1f},{k.y:.1f},{k.score:.3f})" for p in value.persons[:1] for k in p.keypoints[:2]]
+        kps = [f"{k.name}=({k.x:.1f},{k.y:.1f},{k.score:.3g})" for p in value.persons[:1] for k in p.keypoints[:2]]
         return f"returned {len(value.persons)} person(s): {' '.join(kps)}"
     if isinstance(value, Pose):
         return f"returned {value!r}"
     return f"returned {str(value)[:100]}"
 
 
-def differs(a, b, tol: float = SCORE_TOL) -> str | None:
+def differs(a, b, tol: float = SCORE_TOL, boxes: bool = True) -> str | None:
     """None when two Results hold the same answers; else what differs first."""
     if tuple(a.image_size) != tuple(b.image_size):
         return f"image {a.image_size} vs {b.image_size}"
-    return persons_differ(a.persons, b.persons, tol)
+    return persons_differ(a.persons, b.persons, tol, boxes)
 
 
-def persons_differ(ps, qs, tol: float = SCORE_TOL) -> str | None:
+def persons_differ(ps, qs, tol: float = SCORE_TOL, boxes: bool = True) -> str | None:
     if len(ps) != len(qs):
         return f"{len(ps)} persons vs {len(qs)}"
     for i, (p, q) in enumerate(zip(ps, qs)):
-        if not np.allclose(p.box, q.box, atol=1e-6):
+        if boxes and not np.allclose(p.box, q.box, atol=1e-6):
             return f"person {i} box {p.box} vs {q.box}"
         if [k.name for k in p] != [k.name for k in q]:
             return f"names {[k.name for k in p]} vs {[k.name for k in q]}"
         for k, m in zip(p, q):
             if k.answer != m.answer:
                 return f"{k.name}: answer {k.answer} vs {m.answer}"
-            if abs(k.x - m.x) > 1e-3 or abs(k.y - m.y) > 1e-3 or abs(k.score - m.score) > tol:
+            score_off = abs(k.score - m.score) > tol * max(abs(k.score), abs(m.score), 1e-30)
+            if abs(k.x - m.x) > 1e-3 or abs(k.y - m.y) > 1e-3 or score_off:
                 return f"{k.name}: ({k.x:.3f},{k.y:.3f},{k.score:.6f}) vs ({m.x:.3f},{m.y:.3f},{m.score:.6f})"
     return None
 
 
-def same_as(got, want, what: str, tol: float = SCORE_TOL) -> tuple[bool, str]:
-    d = differs(got, want, tol)
+def same_as(got, want, what: str, tol: float = SCORE_TOL, boxes: bool = True) -> tuple[bool, str]:
+    d = differs(got, want, tol, boxes)
     return (True, f"same answers as {what}") if d is None else (False, f"differs from {what}: {d}")
 
 
@@ -235,17 +254,26 @@ def sane(res, n_persons: int = 1, n_kp: int = len(KP)) -> tuple[bool, str]:
 
 def judge(case: Case) -> tuple[str, bool]:
     t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, ok = _run(case)
+    case.seconds = time.perf_counter() - t
+    if caught:  # a warning is part of what happened (and would garble the table)
+        w = caught[0]
+        got += f" (warned {w.category.__name__}: {' '.join(str(w.message).split())[:60]})"
+    return got, ok
+
+
+def _run(case: Case) -> tuple[str, bool]:
     try:
         out = case.fn()
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001 - every outcome is a data point here
-        if case.expected == ERR and not case.cli:
-            return short(e), isinstance(e, LocLLMError)
-        tb = traceback.extract_tb(e.__traceback__)[-1]
+        if case.expected == ERR and not case.cli and isinstance(e, LocLLMError):
+            return short(e), True
+        tb = traceback.extract_tb(e.__traceback__)[-1]  # where it broke, for whoever fixes it
         return f"{short(e)} [at {Path(tb.filename).name}:{tb.lineno}]", False
-    finally:
-        case.seconds = time.perf_counter() - t
     if case.cli or case.expected == RES:
         ok, text = out
         return text, bool(ok)
@@ -266,6 +294,10 @@ def box_cases(c: Ctx) -> list[Case]:
 
     def bad(boxes, **kw):
         return lambda: c.locate(boxes=boxes, **kw)
+
+    def huge(boxes, **kw):
+        """Clipped to the image as COCO loaders clip: the whole image's answers (the box is reported as given)."""
+        return lambda: same_as(c.locate(boxes=boxes, **kw), whole, "boxes=None", boxes=False)
 
     def two_boxes():
         res = c.locate(boxes=two)
@@ -360,9 +392,10 @@ def box_cases(c: Ctx) -> list[Case]:
         ("box partly outside the image works", RES, partly_outside),
         ("2 x 2 px box (the minimum) works", RES, lambda: sane(c.locate(boxes=[[20, 10, 2, 2]]))),
         ("whole-image box = boxes=None", RES, eq([[0, 0, W, H]], "boxes=None", whole)),
-        ("huge box [0,0,1e12,1e12] = the whole image (clipped)", RES, eq([[0, 0, 1e12, 1e12]], "boxes=None", whole)),
-        ("huge box [-1e12,-1e12,2e12,2e12] = whole image", RES,
-         eq([[-1e12, -1e12, 2e12, 2e12]], "boxes=None", whole)),
+        ("huge box [0,0,1e12,1e12] = the whole image (clipped)", RES, huge([[0, 0, 1e12, 1e12]])),
+        ("huge box [-1e12,-1e12,2e12,2e12] = whole image", RES, huge([[-1e12, -1e12, 2e12, 2e12]])),
+        ("huge xyxy box [-1e12,-1e12,1e12,1e12] = whole image", RES,
+         huge([[-1e12, -1e12, 1e12, 1e12]], box_format="xyxy")),
     ]  # fmt: skip
     return [Case("boxes", n, e, f) for n, e, f in rows]
 
@@ -403,10 +436,17 @@ def image_cases(c: Ctx) -> list[Case]:
     def exif_pil():
         from PIL import Image
 
-        data, upright = jpeg_with_orientation(img, 6)
+        data, _ = jpeg_with_orientation(img, 6)
+        with Image.open(io.BytesIO(data)) as im:  # Pillow's own decoding of the stored grid, turned in numpy
+            upright = np.ascontiguousarray(ORIENTATIONS[6][1](np.asarray(im.convert("RGB"))))
         with Image.open(c.path("exif6_pil.jpg", data)) as im:
             got = c.locate(im, boxes=[[10, 10, 60, 70]])
         return same_as(got, c.locate(upright, boxes=[[10, 10, 60, 70]]), "the upright pixels")
+
+    def pil_bgr():
+        from PIL import Image
+
+        return c.locate(Image.fromarray(img), channels="bgr")
 
     def pil_truncated():
         from PIL import Image
@@ -471,8 +511,7 @@ def image_cases(c: Ctx) -> list[Case]:
         ("channels='hsv'", ERR, bad(img, channels="hsv")),
         ("channels=None", ERR, bad(img, channels=None)),
         ("channels='bgr' for a file path", ERR, lambda: c.locate(str(c.path("a.png", png)), channels="bgr")),
-        ("channels='bgr' for a PIL image", ERR, lambda: c.locate(__import__("PIL.Image").Image.fromarray(img),
-                                                                  channels="bgr")),
+        ("channels='bgr' for a PIL image", ERR, pil_bgr),
         ("truncated JPEG opened with PIL", ERR, pil_truncated),
         # unusual but valid
         ("PNG file = the array of its pixels", RES, lambda: same_as(c.locate(str(c.path("a.png", png))), ref, "array")),
@@ -631,8 +670,9 @@ def engine_cases(c: Ctx) -> list[Case]:
 
         return run
 
-    def sub(data: dict, dotted: str, value: object = ...) -> None:
-        *path, last = dotted.split(".")
+    def sub(data: dict, dotted: str | tuple[str, ...], value: object = ...) -> None:
+        """Set (or delete) a manifest field: "model.num_patches", or a tuple path for file names."""
+        *path, last = dotted.split(".") if isinstance(dotted, str) else dotted
         for k in path:
             data = data[k]
         if value is ...:
@@ -736,7 +776,7 @@ def engine_cases(c: Ctx) -> list[Case]:
         ("model.norm_mean has 2 numbers", damaged(edit(lambda m: sub(m, "model.norm_mean", [0.5, 0.5])))),
         ("model section is a list", damaged(edit(lambda m: sub(m, "model", [1, 2])))),
         ("files section is a list", damaged(edit(lambda m: sub(m, "files", ["vision.onnx"])))),
-        ("files.vision.onnx.bytes is a string", damaged(edit(lambda m: sub(m, "files.vision.onnx", {
+        ("files.vision.onnx.bytes is a string", damaged(edit(lambda m: sub(m, ("files", "vision.onnx"), {
             "bytes": str(m["files"]["vision.onnx"]["bytes"]), "sha256": m["files"]["vision.onnx"]["sha256"]})))),
         ("backends.onnxruntime.vision is 123", damaged(edit(lambda m: sub(m, "backends.onnxruntime.vision", 123)))),
         ("tokenizer.answer_grammar is garbage", damaged(edit(lambda m: sub(m, "tokenizer.answer_grammar",
@@ -757,7 +797,7 @@ def engine_cases(c: Ctx) -> list[Case]:
         ("decoder.onnx modified, checksum not updated", damaged(replace("decoder.onnx", lambda b: b + b"\0", False))),
         ("files entry of tokenizer.model removed",
          damaged(edit(lambda m: m["files"].pop("tokenizer/tokenizer.model")))),
-        ("files.*.sha256 is a number", damaged(edit(lambda m: sub(m, "files.vision.onnx", {
+        ("files.*.sha256 is a number", damaged(edit(lambda m: sub(m, ("files", "vision.onnx"), {
             "bytes": m["files"]["vision.onnx"]["bytes"], "sha256": 12345})))),
         ("backends entry names a file not listed in files", damaged(unlisted)),
         ("backends entry ../../x escaping the directory (listed, checksum right)", damaged(outside("../../x.onnx"))),
@@ -957,11 +997,13 @@ def cli_cases(c: Ctx) -> list[Case]:
                 problems.append(f"{len(lines)} stderr lines")
             if not (lines and lines[-1].startswith("locllm: error:")):
                 problems.append("no 'locllm: error:' line")
+            elif len(lines[-1].split()) < 2 + 3:
+                problems.append("the message does not say what is wrong")
             if "Traceback" in p.stderr + p.stdout:
                 problems.append("traceback")
             if left or (written is not None and written.exists()):
                 problems.append(f"wrote {left or [str(written)]}")
-            text = " | ".join(lines)[:140] if lines else "(no stderr)"
+            text = scrub(" | ".join(lines))[:140] if lines else "(no stderr)"
             return not problems, f"exit {p.returncode}: {text}" + (f" [{'; '.join(problems)}]" if problems else "")
 
         return case
@@ -970,11 +1012,21 @@ def cli_cases(c: Ctx) -> list[Case]:
         def case():
             p, cwd = run(args)
             if p.returncode != 0:
-                return False, f"exit {p.returncode}: {' | '.join(p.stderr.strip().splitlines())[:140]}"
+                return False, f"exit {p.returncode}: {scrub(' | '.join(p.stderr.strip().splitlines()))[:140]}"
             problem = check(p, cwd)
-            return problem is None, problem or f"exit 0: {p.stdout.strip().splitlines()[0][:100]}"
+            return problem is None, problem or f"exit 0: {summary(p.stdout)}"
 
         return case
+
+    def summary(stdout: str) -> str:
+        try:
+            doc = json.loads(stdout)
+        except ValueError:
+            return scrub(stdout)[:100]
+        if "persons" in doc:
+            kps = [f"{k['name']}=({k['x']:.1f},{k['y']:.1f})" for p in doc["persons"] for k in p["keypoints"]]
+            return f"{len(doc['persons'])} person(s) {' '.join(kps)[:80]}"
+        return f"JSON with {', '.join(doc)}"[:100]
 
     def json_like(other: list[str]) -> Callable[[subprocess.CompletedProcess, Path], str | None]:
         def check(p, cwd):
@@ -990,6 +1042,8 @@ def cli_cases(c: Ctx) -> list[Case]:
     missing_dir = c.tmp / "no_such_dir" / "out.png"
     loc = ["locate", str(image), "-m", eng]
     gt_bad = c.path("gt.json", b"{not json")
+    gt_noann = image.parent / "gt_noann.json"  # beside its image, so the image folder is found
+    gt_noann.write_text(json.dumps({k: v for k, v in coco_gt(image.name).items() if k != "annotations"}))
     rows = [
         ("locate a missing image", error(["locate", str(c.tmp / "missing.jpg"), "-m", eng, "-k", "nose"])),
         ("locate a text file as image", error(["locate", str(c.path("t.jpg", b"hello")), "-m", eng, "-k", "nose"])),
@@ -1017,6 +1071,8 @@ def cli_cases(c: Ctx) -> list[Case]:
         ("info on a damaged engine", error(["info", str(bad_engine)])),
         ("info on an image file", error(["info", str(image)])),
         ("predict with a GT file that is not JSON", error(["predict", str(gt_bad), "-m", eng, "--out", "p.json"])),
+        ("predict with a GT file without 'annotations'", error(["predict", str(gt_noann), "-m", eng, "--out",
+                                                                "p.json"])),
         ("predict --out into a missing directory", error(["predict", str(gt_bad), "-m", eng, "--out",
                                                           str(missing_dir.with_suffix(".json"))])),
     ]  # fmt: skip
@@ -1031,6 +1087,62 @@ def cli_cases(c: Ctx) -> list[Case]:
         ("info on the engine works", success(["info", eng], lambda p, cwd: None if json.loads(p.stdout) else "empty")),
     ]  # fmt: skip
     return [Case("cli", n, ERR, f, cli=True) for n, f in rows] + [Case("cli", n, RES, f, cli=True) for n, f in valid]
+
+
+# --------------------------------------------------------------------------------------
+# predict_coco (what `locllm predict` runs): a COCO-keypoints file with its boxes
+
+
+def coco_gt(image_name: str = "person.png", **changes) -> dict:
+    doc = {
+        "images": [{"id": 1, "file_name": image_name, "width": W, "height": H}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": BOX, "num_keypoints": 17,
+                         "keypoints": [0] * 51, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "person", "keypoints": [
+            "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+            "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",
+            "left_ankle", "right_ankle"]}],
+    }  # fmt: skip
+    doc.update(changes)
+    return doc
+
+
+def predict_cases(c: Ctx) -> list[Case]:
+    from locllm_sdk.predict import predict_coco
+
+    folder = c.path("person.png", encode(c.img, ".png")).parent
+
+    def gt(doc: object, raw: bytes | None = None) -> Path:
+        p = folder / f"gt{len(list(folder.glob('gt*')))}.json"
+        p.write_bytes(raw if raw is not None else json.dumps(doc).encode())
+        return p
+
+    def run(path: Path, **kw):
+        return predict_coco(c.pose, path, image_dir=kw.pop("image_dir", folder), progress=False, **kw)
+
+    def works():
+        preds = run(gt(coco_gt()))
+        want = c.locate(keypoints="coco17")
+        got = [v for k in want.persons[0] for v in (k.x, k.y, k.score)]
+        ok = len(preds) == 1 and preds[0]["ann_id"] == 7 and np.allclose(preds[0]["keypoints"], got, atol=2e-3)
+        return ok, f"{len(preds)} prediction(s), " + ("= locate with coco17" if ok else f"{str(preds)[:80]}")
+
+    bad_ann = dict(coco_gt()["annotations"][0])
+    rows = [
+        ("GT file missing", ERR, lambda: run(folder / "no_such_gt.json")),
+        ("GT file not JSON", ERR, lambda: run(gt(None, b"{not json"))),
+        ("GT JSON is a list", ERR, lambda: run(gt([1, 2]))),
+        ("GT without 'annotations'", ERR, lambda: run(gt({k: v for k, v in coco_gt().items() if k != "annotations"}))),
+        ("GT without 'categories'", ERR, lambda: run(gt({k: v for k, v in coco_gt().items() if k != "categories"}))),
+        ("GT annotation without 'bbox'", ERR, lambda: run(gt(coco_gt(annotations=[
+            {k: v for k, v in bad_ann.items() if k != "bbox"}])))),
+        ("GT annotation bbox of 3 numbers", ERR, lambda: run(gt(coco_gt(annotations=[{**bad_ann,
+                                                                                      "bbox": [1, 2, 3]}])))),
+        ("GT image file missing", ERR, lambda: run(gt(coco_gt("missing.png")))),
+        ("GT image folder not found (no image_dir)", ERR, lambda: run(gt(coco_gt("missing.png")), image_dir=None)),
+        ("predict_coco on a 1-image COCO file works", RES, works),
+    ]  # fmt: skip
+    return [Case("predict", n, e, f) for n, e, f in rows]
 
 
 # --------------------------------------------------------------------------------------
@@ -1065,19 +1177,22 @@ def main() -> int:
         elif checkpoint is None:
             source = json.loads((engine / "manifest.json").read_text())["model"].get("source_checkpoint")
             checkpoint = Path(source) if source else None
+        SCRUB[str(tmp)] = "$TMP"
         ctx = Ctx(engine.resolve(), checkpoint.resolve() if checkpoint else None, tmp)
         makers = {"boxes": box_cases, "images": image_cases, "keypoints": keypoint_cases, "engine": engine_cases,
-                  "checkpoint": checkpoint_cases, "cli": cli_cases}  # fmt: skip
+                  "checkpoint": checkpoint_cases, "predict": predict_cases, "cli": cli_cases}  # fmt: skip
         wanted = args.only.split(",") if args.only else list(makers)
         rows = []
-        print(f"{'class':<11}{'case':<62}{'expected':<16}{'':<6}got")
+        print(f"{'class':<11}{'case':<62}{'expected':<16}{'got':<{GOT_WIDTH}} verdict")
         for cls in wanted:
             for case in makers[cls](ctx):
                 got, ok = judge(case)
                 row = {"class": case.cls, "case": case.name, "expected": case.expected, "got": got,
                        "verdict": "PASS" if ok else "FAIL", "seconds": round(case.seconds, 3)}  # fmt: skip
                 rows.append(row)
-                print(f"{row['class']:<11}{row['case'][:61]:<62}{row['expected']:<16}{row['verdict']:<6}{got}")
+                shown = got if len(got) <= GOT_WIDTH else got[: GOT_WIDTH - 3] + "..."
+                cells = f"{row['class']:<11}{row['case'][:61]:<62}{row['expected']:<16}"
+                print(f"{cells}{shown:<{GOT_WIDTH}} {row['verdict']}")
                 sys.stdout.flush()
 
     print()

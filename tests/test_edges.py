@@ -326,6 +326,7 @@ def test_cli_failures_are_one_line(engine2d, tmp_path):
     _one_line_error(_cli("locate", str(tmp_path / "missing.png"), "-m", str(engine2d)), "not found")
     _one_line_error(_cli("locate", str(img), "-m", str(tmp_path / "nope")), "does not exist")
     _one_line_error(_cli("info", str(tmp_path)), "manifest.json is missing")
+    _one_line_error(_cli("locate", str(img), "--box", "1,2,3"), "4 numbers")  # usage errors: one line too
     out = tmp_path / "ok.png"
     run = _cli("locate", str(img), "-m", str(engine2d), "-k", "nose", "--draw", str(out))
     assert run.returncode == 0 and cv2.imread(str(out)) is not None
@@ -369,3 +370,67 @@ def test_cache_builds_are_locked_and_atomic(trained, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         engine_for(ckpt)
     assert not stale.exists() and not list((tmp_path / "cache2" / "engines").iterdir())
+
+
+def test_graphs_and_facts_that_disagree_with_the_manifest(engine2d, tmp_path):
+    e = _copy(engine2d, tmp_path)
+    m = _manifest(e)
+    shutil.copyfile(e / "decoder.onnx", e / "vision.onnx")  # a graph in another role, checksum updated
+    _write(e, m, refresh=("vision.onnx",))
+    with pytest.raises(EngineError, match="vision.onnx: the graph's inputs"):
+        Pose(e)
+    shutil.copyfile(engine2d / "vision.onnx", e / "vision.onnx")
+    bad = json.loads(json.dumps(m))
+    bad["model"]["coord_dims"] = 3
+    _write(e, bad, refresh=("vision.onnx",))
+    with pytest.raises(EngineError, match="'model.coord_dims' is 3, but its answer grammar answers 2"):
+        Pose(e)
+    table = np.load(e / "embeddings.npy")
+    np.save(e / "embeddings.npy", table.astype(np.int32))
+    _write(e, m, refresh=("vision.onnx", "embeddings.npy"))
+    with pytest.raises(EngineError, match="embedding table of int32"):
+        Pose(e)
+
+
+def test_arguments_are_checked(engine2d):
+    from locllm_sdk import ArgumentError
+
+    for kwargs, what in (({"backend": "gpu"}, "backend must be"), ({"decoding": "greedy"}, "decoding must be")):
+        with pytest.raises(ArgumentError, match=what):
+            Pose(engine2d, **kwargs)
+    for budget in (0, -5, "big", True):
+        with pytest.raises(ArgumentError, match="memory_budget_mb"):
+            Pose(engine2d, memory_budget_mb=budget)
+
+
+def test_checkpoint_config_that_does_not_fit_its_weights(trained, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained[2][0], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "llm": {**cfg["llm"], "hidden_size": 32}}))
+    with pytest.raises(CheckpointError, match="weights do not match config.json.*size mismatch"):
+        Pose(ckpt, backend="torch")
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "protocol_version": "locllm-v0"}))
+    with pytest.raises(CheckpointError, match="protocol_version 'locllm-v0'"):
+        Pose(ckpt, backend="torch")
+
+
+def test_malformed_coco_files(pose, tmp_path):
+    from locllm_sdk import DataError
+    from locllm_sdk.predict import predict_coco
+
+    gt = tmp_path / "gt.json"
+    for content, what in (
+        ("{oops", "not valid JSON"),
+        ("[]", "JSON object, got list"),
+        (json.dumps({"images": [], "categories": []}), "no 'annotations' list"),
+        (
+            json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1}], "categories": [{"keypoints": []}]}),
+            "bbox",
+        ),
+    ):
+        gt.write_text(content)
+        with pytest.raises(DataError, match=what):
+            predict_coco(pose, gt)
+    with pytest.raises(DataError, match="not found"):
+        predict_coco(pose, tmp_path / "missing.json")

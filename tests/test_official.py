@@ -31,6 +31,7 @@ from locllm_training.official import (
 )
 from locllm_training.tokenizer_files import write_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 CROP, PATCH, GRID0 = 224, 14, 37  # DINOv2 position grid trained at 518 px
 VOCAB = 32000
 ORACLE = Path(__file__).parent / "fixtures" / "hf431_tokenizer_oracle.json"
@@ -416,3 +417,49 @@ def test_verify_prompt_ids_fails_loudly(official, tmp_path, monkeypatch):
     with pytest.raises(PromptIdsMismatchError, match="differ from the checkpoint's slow LlamaTokenizer"):
         convert_official(root, tmp_path / "never", log=lambda s: None)
     assert not (tmp_path / "never").exists()
+
+
+class _Hostile:
+    """What a malicious checkpoint carries: unpickling it would call a function."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_hostile_pickle_is_refused_in_one_line(official, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import cv2
+
+    root, _, _ = official
+    bad = tmp_path / "hostile"
+    shutil.copytree(root, bad)
+    shard = sorted(bad.glob("pytorch_model*.bin"))[0]
+    torch.save({"model.norm.weight": _Hostile()}, shard)
+    img = tmp_path / "img.png"
+    cv2.imwrite(str(img), np.zeros((64, 48, 3), np.uint8))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / s) for s in ("sdk", "training", "export"))}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locllm_sdk.cli",
+            "locate",
+            str(img),
+            "-m",
+            str(bad),
+            "--backend",
+            "torch",
+            "-k",
+            "nose",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 2 and "this must never run" not in run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused: not a plain tensor file" in lines[0] and shard.name in lines[0], run.stderr

@@ -7,9 +7,11 @@ result = pose.locate("person.jpg", ["neck", "pelvis"])
 
 from .descriptions import DescriptionLibrary
 from .errors import (
+    ArgumentError,
     BackendUnavailable,
     BoxError,
     CheckpointError,
+    DataError,
     EngineError,
     ImageError,
     KeypointError,
@@ -26,9 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "ArgumentError",
     "BackendUnavailable",
     "BoxError",
     "CheckpointError",
+    "DataError",
     "DescriptionLibrary",
     "EngineError",
     "EngineManifest",

@@ -116,8 +116,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the usage block first); --help shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"locllm: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="locllm", description="LocLLM keypoint localization")
+    ap = _Parser(prog="locllm", description="LocLLM keypoint localization")
     sub = ap.add_subparsers(dest="command", required=True)
     loc = sub.add_parser("locate", help="locate keypoints in an image")
     loc.add_argument("image", help="image file")

@@ -83,6 +83,11 @@ def load_image(
             f'channels="{channels}" applies to numpy arrays only; files and PIL images carry their own channel order'
         )
     if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        if not text:
+            raise ImageError("the image path is empty")
+        if isinstance(text, str) and "://" in text:
+            raise ImageError(f"{text}: URLs are not read, only local files (download the image first)")
         return _load_file(Path(image), max_pixels, exif_orientation)
     if type(image).__module__.startswith("PIL."):
         return _load_pil(image, max_pixels, exif_orientation)

@@ -43,5 +43,13 @@ class UnknownKeypointError(LocLLMError, KeyError):
         return str(self.args[0])
 
 
+class ArgumentError(LocLLMError, ValueError):
+    """An API argument has a value it does not accept (backend, decoding, budget, ...)."""
+
+
+class DataError(LocLLMError, ValueError):
+    """A dataset file (COCO keypoints JSON, its image folder) is missing or malformed."""
+
+
 class BackendUnavailable(LocLLMError, RuntimeError):
     """The backend asked for cannot run here (missing package, provider, device)."""

@@ -28,7 +28,7 @@ _DETECTOR_HINT = (
 
 
 def _number(v: object) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (Real, np.number)):
+    if isinstance(v, (bool, np.bool_, complex, np.complexfloating)) or not isinstance(v, (Real, np.number)):
         return None
     return float(v)
 
@@ -36,7 +36,7 @@ def _number(v: object) -> float | None:
 def _rows(boxes: object) -> list[list[float]]:
     """Boxes as rows of numbers (no reshaping: a row's length is what the caller gave)."""
     if isinstance(boxes, np.ndarray):
-        if boxes.dtype == object or not np.issubdtype(boxes.dtype, np.number) or np.issubdtype(boxes.dtype, np.bool_):
+        if not (np.issubdtype(boxes.dtype, np.integer) or np.issubdtype(boxes.dtype, np.floating)):
             raise BoxError(f"boxes must be numbers, got an array of dtype {boxes.dtype}")
         if boxes.ndim == 1:
             boxes = boxes[None] if boxes.size else boxes.reshape(0, 4)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .backends.base import Backend, RequestBackend
 from .descriptions import DescriptionLibrary
-from .errors import CheckpointError, EngineError, ProtocolError
+from .errors import ArgumentError, CheckpointError, EngineError, ProtocolError
 from .manifest import (
     AUTO,
     BACKEND_NAMES,
@@ -59,6 +59,7 @@ class ModelSpec:
     vocab_size: int = 0
     vision_hidden_size: int = 0
     num_layers: int = 0
+    num_heads: int = 0  # the LM's attention heads
 
     @classmethod
     def from_manifest(cls, engine_dir: Path, manifest: EngineManifest) -> ModelSpec:
@@ -80,6 +81,16 @@ class ModelSpec:
             grammar = AnswerGrammar.from_dict(t.answer_grammar)
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{engine_dir}: manifest field 'tokenizer.answer_grammar' is malformed ({e})") from e
+        if grammar.dims != m.coord_dims:
+            raise EngineError(
+                f"{engine_dir}: manifest field 'model.coord_dims' is {m.coord_dims}, but its answer grammar "
+                f"answers {grammar.dims} coordinates"
+            )
+        if m.num_patches != (m.image_size // max(m.patch_size, 1)) ** 2:
+            raise EngineError(
+                f"{engine_dir}: manifest fields 'model.num_patches' {m.num_patches} and 'model.image_size' "
+                f"{m.image_size} / 'model.patch_size' {m.patch_size} disagree"
+            )
         # The ids the engine was built with must be the ids this runtime produces.
         s = tokenizer.spec
         flags = {
@@ -115,6 +126,7 @@ class ModelSpec:
             vocab_size=m.vocab_size,
             vision_hidden_size=m.vision_hidden_size,
             num_layers=m.num_layers,
+            num_heads=m.num_heads,
         )
 
     @classmethod
@@ -140,6 +152,7 @@ class ModelSpec:
                 vocab_size=int(llm["vocab_size"]),
                 vision_hidden_size=int(config["vision"]["hidden_size"]),
                 num_layers=int(llm["num_hidden_layers"]),
+                num_heads=heads,
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: field {e.args[0]!r} is missing") from e
@@ -147,6 +160,11 @@ class ModelSpec:
             raise CheckpointError(f"{source}: malformed field ({e})") from e
         if tokenizer.spec.im_patch_id != im_patch:
             raise CheckpointError(f"{source}: <im_patch> id in the tokenizer differs from config.json")
+        version = config.get("protocol_version", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            raise CheckpointError(
+                f"{source}: protocol_version {version!r} differs from this runtime's {PROTOCOL_VERSION!r}"
+            )
         return cls(
             tokenizer=tokenizer,
             grammar=build_grammar(tokenizer, dims),
@@ -156,9 +174,12 @@ class ModelSpec:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path) -> ModelSpec:
-        return cls.from_config(
-            read_config(checkpoint), PromptTokenizer.from_dir(checkpoint), str(checkpoint / "config.json")
-        )
+        config = read_config(checkpoint)
+        try:
+            tokenizer = PromptTokenizer.from_dir(checkpoint)
+        except (ProtocolError, FileNotFoundError) as e:
+            raise CheckpointError(f"{checkpoint}: the checkpoint's tokenizer cannot be read: {e}") from e
+        return cls.from_config(config, tokenizer, str(checkpoint / "config.json"))
 
 
 # --------------------------------------------------------------------------------------
@@ -265,7 +286,7 @@ BACKEND_FACTORIES: dict[str, Callable] = {
 def load(path: str | Path, backend: str = AUTO, threads: int | None = None, verify: bool = True) -> LoadedModel:
     """Load an engine directory or a checkpoint for ``backend`` (see ``BACKEND_NAMES``)."""
     if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        raise ArgumentError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     path = Path(path)
     kind = model_kind(path)
     if kind != ENGINE:

@@ -24,7 +24,7 @@ from . import crop as cropping
 from .backends.base import Backend, RequestBackend
 from .decoding import DecodeStats, constrained_decode, free_decode, prefill_prefix, split_common_head
 from .descriptions import KeypointRequest
-from .errors import ProtocolError
+from .errors import ArgumentError, ProtocolError
 from .loader import ModelSpec
 from .protocol import MAX_NEW_TOKENS, ParsedAnswer
 
@@ -58,11 +58,16 @@ class ImageAnswers:
 
 
 def row_bytes(spec: ModelSpec, backend, row_tokens: int, prefix_len: int) -> int:
-    """Working memory of one decoded row: its KV cache (input and output of a pass alive at
-    once), plus a prefix copy without cascade attention, and the logits it reads."""
-    tokens = row_tokens + (0 if getattr(backend, "supports_shared_prefix", False) else prefix_len)
-    logits = logits_per_pass(spec.grammar) * max(spec.vocab_size, 1) * _FLOAT
-    return 2 * spec.kv_bytes_per_token * tokens + logits
+    """Working memory of one decoded row, dominated by its first pass (all its suffix tokens
+    at once): the attention scores over prefix + row (a few copies: scores, exponentials),
+    the per-token activations, the KV cache (input and output of a pass alive at once, plus
+    a prefix copy without cascade attention) and the logits it reads. An estimate, checked
+    by benchmarks/memory.py (measured: the first pass of the demo model, 1.7 MB per row)."""
+    kv_tokens = row_tokens + (0 if getattr(backend, "supports_shared_prefix", False) else prefix_len)
+    attention = 3 * max(spec.num_heads, 1) * row_tokens * (prefix_len + row_tokens)
+    activations = 12 * row_tokens * spec.hidden_size
+    logits = logits_per_pass(spec.grammar) * max(spec.vocab_size, 1)
+    return _FLOAT * (attention + activations + logits) + 2 * spec.kv_bytes_per_token * kv_tokens
 
 
 def logits_per_pass(grammar) -> int:
@@ -206,7 +211,7 @@ def _run_chunks(
 ) -> CropAnswers:
     """Crops ``make_pixels(indices)`` chunk by chunk (the caller decides how a chunk is made)."""
     if decoding not in DECODING:
-        raise ValueError(f"decoding must be one of {DECODING}, got {decoding!r}")
+        raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
     suffix = _suffixes(spec, requests)
     size = crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), budget_mb)
     answers: list[ParsedAnswer] = []

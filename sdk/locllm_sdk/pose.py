@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import crop as cropping
+from .errors import ArgumentError
 from .inputs import validate_boxes
 from .loader import LoadedModel, load
 from .manifest import AUTO, BACKEND_NAMES
@@ -42,7 +43,13 @@ class Pose:
         vision tower, the prefix prefill and the decoding in chunks that fit it (many persons
         x keypoints on a large model run in several chunks, with the same answers)."""
         if decoding not in DECODING:
-            raise ValueError(f"decoding must be one of {DECODING}, got {decoding!r}")
+            raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
+        if (
+            isinstance(memory_budget_mb, bool)
+            or not isinstance(memory_budget_mb, (int, float))
+            or not memory_budget_mb > 0
+        ):
+            raise ArgumentError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
         self.model: LoadedModel = load(model, backend, threads=threads, verify=verify)
         self.path, self.decoding, self.memory_budget_mb = Path(model), decoding, memory_budget_mb
 

@@ -6,12 +6,11 @@ Writes the standard COCO results list (plus ``ann_id``, and ``z_norm`` for 3D mo
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .coco_files import guess_image_dir
+from .coco_files import guess_image_dir, read_coco
 from .crop import load_image
 from .pose import Pose
 from .protocol import depth_to_unit
@@ -44,7 +43,7 @@ def predict_coco(
 ) -> list[dict]:
     """``flip``: flip test-time augmentation (see ``Pose.locate``)."""
     gt_json = Path(gt_json)
-    doc = json.loads(gt_json.read_text())
+    doc = read_coco(gt_json)
     image_dir = Path(image_dir) if image_dir else guess_image_dir(gt_json, doc)
     names = keypoint_names(doc, pose, keypoints)
     anns: dict = {}

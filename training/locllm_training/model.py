@@ -386,6 +386,16 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot read the weights (truncated or corrupt safetensors?): {e}") from e
 
 
+def _load_into(model: LocLLM, state: dict, checkpoint: Path) -> list[str]:
+    """Load ``state`` (strict=False); a tensor whose shape the config does not give is a
+    CheckpointError naming the checkpoint, not torch's RuntimeError."""
+    try:
+        return model.load_state_dict(state, strict=False).unexpected_keys
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise CheckpointError(f"{checkpoint}: weights do not match config.json ({first})") from e
+
+
 def load_checkpoint(checkpoint: str | Path, with_lora: bool = True, image_size: int | None = None) -> LocLLM:
     """Load our checkpoint format (safetensors only, single file or sharded; nothing is unpickled).
 
@@ -412,16 +422,16 @@ def load_checkpoint(checkpoint: str | Path, with_lora: bool = True, image_size: 
     if config.vision_weights:
         names = set(model.state_dict())
         base = {_to_model_key(k, names): v for k, v in external_vision_state(config).items()}
-        unexpected += model.load_state_dict(base, strict=False).unexpected_keys
+        unexpected += _load_into(model, base, checkpoint)
         loaded.update(base)
     if parent is not None:
         inherited = stored_state(parent)
-        unexpected += model.load_state_dict(inherited, strict=False).unexpected_keys
+        unexpected += _load_into(model, inherited, checkpoint)
         loaded.update(inherited)
         del inherited
     for file in files:
         state = _load_safetensors(file)
-        unexpected += model.load_state_dict(state, strict=False).unexpected_keys
+        unexpected += _load_into(model, state, checkpoint)
         loaded.update(state)
         del state
     tied = {"llm.lm_head.weight"} if config.llm.get("tie_word_embeddings") else set()

@@ -19,6 +19,7 @@ from ..manifest import (
     decoder_io_names,
     past_names,
     prefix_names,
+    shared_step_io_names,
 )
 from .base import Backend, BackendUnavailable
 
@@ -53,10 +54,16 @@ class OnnxRuntimeBackend(Backend):
             except Exception as e:  # ORT raises its own types (InvalidProtobuf, Fail, ...)
                 raise EngineError(f"{path}: ONNX Runtime cannot load this graph: {str(e).splitlines()[0]}") from e
 
+        m = manifest.model
         self.vision = session(files.vision)
         self.decoder = session(files.decoder)
         # engines from format 1 builds before the cascade graph existed lack it: copy path
         self.shared = session(files.decoder_shared) if files.decoder_shared else None
+        s = m.image_size
+        _check_io(self.vision, files.vision, [VISION_INPUT], [VISION_OUTPUT], {VISION_INPUT: ["*", 3, s, s]})
+        _check_io(self.decoder, files.decoder, *decoder_io_names(m.num_layers))
+        if self.shared is not None:
+            _check_io(self.shared, files.decoder_shared, *shared_step_io_names(m.num_layers))
         self.supports_shared_prefix = self.shared is not None
         wanted = providers[0]
         actual = self.decoder.get_providers()
@@ -73,11 +80,10 @@ class OnnxRuntimeBackend(Backend):
             self.embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise EngineError(f"{path}: not a numpy embedding table ({e})") from e
-        m = manifest.model
-        if self.embeddings.shape != (m.vocab_size, m.hidden_size):
+        if self.embeddings.dtype != np.float32 or self.embeddings.shape != (m.vocab_size, m.hidden_size):
             raise EngineError(
-                f"{path}: embedding table of shape {self.embeddings.shape}, the manifest's model needs "
-                f"{(m.vocab_size, m.hidden_size)}"
+                f"{path}: embedding table of {self.embeddings.dtype} {self.embeddings.shape}, the manifest's model "
+                f"needs float32 {(m.vocab_size, m.hidden_size)}"
             )
         self.num_layers, self.kv_heads, self.head_dim = m.num_layers, m.num_kv_heads, m.head_dim
         self.cache_dtype = np.float32
@@ -116,6 +122,22 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         return {"backend": self.name, "onnxruntime": ort.__version__, "providers": self.providers}
+
+
+def _check_io(session, name: str, inputs: list[str], outputs: list[str], shapes: dict | None = None) -> None:
+    """The graph has the inputs and outputs the engine contract names (and fixed dims where
+    given): a swapped or mismatched graph is refused at load, not at the first run."""
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != list(inputs) or not set(outputs) <= set(got_out):
+        raise EngineError(
+            f"{name}: the graph's inputs {got_in[:6]}... / outputs {got_out[:4]}... are not the engine's "
+            f"{list(inputs)[:6]}... / {list(outputs)[:4]}... (a graph of another model or another role?)"
+        )
+    for i in session.get_inputs():
+        want = (shapes or {}).get(i.name)
+        if want and any(w != "*" and g != w for g, w in zip(i.shape, want)):
+            raise EngineError(f"{name}: input {i.name} has shape {i.shape}, the manifest's model needs {want}")
 
 
 def _step_feeds(embeds, attention_mask, position_ids, logits_index) -> dict:
