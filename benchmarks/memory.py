@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(
-            f"{r['boxes']:>6} boxes: peak RSS {r['peak_rss_mb']:>8.1f} MB (before the call {r['peak_rss_before_mb']:.1f}),"
-            f" {r['seconds']:.1f} s, {r['decoder_passes']} decoder passes",
+            f"{r['boxes']:>6} boxes: peak RSS {r['peak_rss_mb']:>8.1f} MB"
+            f" (before the call {r['peak_rss_before_mb']:.1f}), {r['seconds']:.1f} s,"
+            f" {r['decoder_passes']} decoder passes",
             flush=True,
         )
     if len(rows) > 1:

@@ -4,6 +4,7 @@ batching invariance, and clear errors on bad input."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -400,8 +401,10 @@ def test_kv_budget_counts_only_row_tokens_with_cascade(trained):
     pose = Pose(engine)
     prefix_len = len(pose.spec.prefix_ids)
     per_row = row_bytes(pose.spec, pose.backend, 60 + len(pose.spec.grammar.slots), prefix_len)
-    # per-row bytes exclude the (shared) prefix
-    assert per_row == row_bytes(pose.spec, pose.backend, 60 + len(pose.spec.grammar.slots), 10 * prefix_len)
+    # per-row bytes exclude the (shared) prefix's KV: only a copy-path backend holds a copy per row
+    copying = SimpleNamespace(supports_shared_prefix=False)
+    extra = row_bytes(pose.spec, copying, 60 + len(pose.spec.grammar.slots), prefix_len) - per_row
+    assert extra == 2 * pose.spec.kv_bytes_per_token * prefix_len
     # the budget: the 4 crops' own working set + room for the rows of 2.5 persons
     rows_room = 2.5 * len(KEYPOINTS) * per_row
     budget = (4 * crop_bytes(pose.spec, prefix_len) + rows_room) / 2**20

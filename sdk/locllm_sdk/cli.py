@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import LocLLMError
 from .inputs import BOX_FORMATS
-from .manifest import BACKEND_NAMES as BACKENDS
+from .manifest import BACKEND_NAMES
 
 FLIP_HELP = "flip test-time augmentation: also run each crop mirrored (left <-> right) and average; ~2x time"
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--skeleton", default="coco17", help="skeleton used when no -k is given (default coco17)")
     loc.add_argument("--box", action="append", type=_box, help="person box x,y,w,h (repeatable); default whole image")
     loc.add_argument("--box-format", default="xywh", choices=BOX_FORMATS, help="how --box numbers read (default xywh)")
-    loc.add_argument("--backend", default="auto", choices=BACKENDS)
+    loc.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     loc.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     loc.add_argument("--threads", type=int, default=None)
     loc.add_argument("--flip", action="store_true", help=FLIP_HELP)
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--persons", default="2-3", help="people in the scene: N or MIN-MAX (default 2-3)")
     demo.add_argument("--out", type=Path, default=Path("demo.png"), help="overlay PNG (default demo.png)")
     demo.add_argument("--model", "-m", help="demo (default), demo3d (the bundled 3D model) or a checkpoint")
-    demo.add_argument("--backend", default="auto", choices=BACKENDS)
+    demo.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     demo.set_defaults(func=cmd_demo)
     pred = sub.add_parser("predict", help="predict every ground-truth person of a COCO-keypoints file")
     pred.add_argument("gt", type=Path, help="COCO keypoints JSON (SynthPose, COCO)")
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--keypoints", default="auto", help="auto (the extended list if described), a skeleton, or a,b,c")
     pred.add_argument("--images", type=Path, help="image folder (default: guessed from the layout)")
     pred.add_argument("--limit", type=int, help="first N images only")
-    pred.add_argument("--backend", default="auto", choices=BACKENDS)
+    pred.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     pred.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     pred.add_argument("--threads", type=int, default=None)
     pred.add_argument("--flip", action="store_true", help=FLIP_HELP)

@@ -14,12 +14,10 @@ from . import crop as cropping
 from .errors import ArgumentError
 from .inputs import validate_boxes
 from .loader import LoadedModel, load
-from .manifest import AUTO, BACKEND_NAMES
+from .manifest import AUTO
 from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, locate_in_image
 from .protocol import unit_to_depth
 from .results import Keypoint, Person, Results
-
-BACKENDS = BACKEND_NAMES
 
 
 class Pose:

@@ -79,7 +79,8 @@ def slow_tokenizer_ids(slow, im_patch_id: int, text: str) -> list[int]:
 
 
 def _official_prompt_text(name: str, description: str, num_patches: int) -> str:
-    # utils/valid2d.py with conv_keypoint (roles Keypoint/Question/Answer, sep "\n")
+    # utils/valid2d.py with conv_keypoint (roles Keypoint/Question/Answer, sep "\n"). A second
+    # spelling of protocol.prompt_text on purpose: the independent side of this check.
     q = f"Where is the {name} of this person in this image? Please provide its coordinates."
     return "Image: " + IM_PATCH * num_patches + "\n" + f"Keypoint: {description}\nQuestion: {q}\nAnswer:"
 
