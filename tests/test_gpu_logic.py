@@ -668,3 +668,84 @@ def test_tensorrt_backend_on_an_engine_without_it(onnx_engine):
 def test_answer_grammar_roundtrip_used_by_the_backend(grammars):
     g = grammars[3]
     assert AnswerGrammar.from_dict(g.to_dict()) == g
+
+
+class _GpuReportingSession:
+    """An onnxruntime-gpu InferenceSession as it behaves: it reports the providers it really
+    enabled (here CUDA, except for the one graph ``cpu_only`` names, which ORT placed on the
+    CPU) and has ``disable_fallback``; it computes on the real CPU session underneath."""
+
+    made: list = []
+    cpu_only: str | None = None
+
+    def __init__(self, path, opts=None, providers=None):
+        import onnxruntime as ort
+
+        self.path, self.providers_asked, self.fallback = str(path), providers, True
+        self._real = ort.capi.onnxruntime_inference_collection.InferenceSession(
+            str(path), opts, providers=["CPUExecutionProvider"]
+        )
+        _GpuReportingSession.made.append(self)
+
+    def get_providers(self):
+        if self.cpu_only and self.path.endswith("/" + self.cpu_only):
+            return ["CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def disable_fallback(self):
+        self.fallback = False
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_ort_cuda_checks_every_session_and_disables_fallback(onnx_engine, monkeypatch):
+    import onnxruntime as ort
+    from locllm_sdk import BackendUnavailable, Pose
+
+    monkeypatch.setattr(ort, "InferenceSession", _GpuReportingSession)
+    _GpuReportingSession.made, _GpuReportingSession.cpu_only = [], "decoder_shared.onnx"
+    with pytest.raises(BackendUnavailable, match="decoder_shared.onnx .*runs on \\['CPUExecutionProvider'\\]"):
+        Pose(onnx_engine, backend="onnxruntime-cuda")
+    _GpuReportingSession.made, _GpuReportingSession.cpu_only = [], None
+    pose = Pose(onnx_engine, backend="onnxruntime-cuda", device=1)
+    assert pose.backend_name == "onnxruntime-cuda" and len(_GpuReportingSession.made) == 3
+    for s in _GpuReportingSession.made:  # a failing run raises instead of retrying on the CPU
+        assert s.fallback is False
+        assert s.providers_asked[0] == ("CUDAExecutionProvider", {"device_id": "1"})
+    assert len(pose.locate(np.zeros((40, 30, 3), np.uint8), ["nose"])[0]) == 1
+
+
+def test_auto_falls_back_when_a_gpu_backend_cannot_start(onnx_engine, monkeypatch):
+    from locllm_sdk import BackendUnavailable, Pose
+
+    if gpu_logic.ort_cuda_provider_listed() and gpu_logic.has_cuda_gpu():
+        pytest.skip("this machine really has ORT CUDA")
+    # the probes say: a GPU, and onnxruntime lists CUDA; the real CPU-only onnxruntime cannot run it
+    monkeypatch.setattr(gpu_logic, "has_cuda_gpu", lambda: True)
+    monkeypatch.setattr(gpu_logic, "ort_cuda_provider_listed", lambda: True)
+    with pytest.warns(UserWarning, match="'onnxruntime-cuda' cannot run here.*falling back to 'onnxruntime'"):
+        pose = Pose(onnx_engine)
+    assert pose.backend_name == "onnxruntime"
+    with pytest.raises(BackendUnavailable, match="refusing to pretend"):
+        Pose(onnx_engine, backend="onnxruntime-cuda")  # an explicit backend is never swapped
+
+
+def test_regex_escapes_metacharacters_only(grammars, text_of):
+    # re.escape writes "\ " for a space, which xgrammar's regex converter does not know
+    for g in grammars.values():
+        rx = gpu_logic.answer_regex(g, text_of)
+        assert rx.startswith(" \\[") and "\\ " not in rx
+    assert gpu_logic.regex_literal("a b.[c]") == "a b\\.\\[c\\]"
+
+
+def test_hf_export_for_trtllm_carries_a_loadable_tokenizer(tiny_checkpoint, tmp_path):
+    """fp8 quantization (ModelOpt) calls AutoTokenizer.from_pretrained on the exported HF dir."""
+    from locllm_export.tensorrt_build import export_hf_llama
+    from locllm_training.model import load_checkpoint
+    from transformers import AutoTokenizer
+
+    export_hf_llama(load_checkpoint(tiny_checkpoint, with_lora=False), tmp_path / "hf", tiny_checkpoint)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = tok("The neck is between the shoulders.")["input_ids"]
+    assert len(ids) > 5 and tok.decode(ids, skip_special_tokens=True).strip() == "The neck is between the shoulders."

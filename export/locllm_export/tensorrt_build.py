@@ -257,11 +257,18 @@ def check_vision_parity(engine_dir: Path, vplan: VisionPlan, seed: int = 0) -> d
 # Decoder
 
 
-def export_hf_llama(merged, hf_dir: Path) -> None:
+def export_hf_llama(merged, hf_dir: Path, tokenizer_dir: Path) -> None:
     """The merged LLM as a plain Hugging Face LlamaForCausalLM (its vocabulary has no
-    <im_patch> row: image tokens reach TensorRT-LLM as a prompt table)."""
+    <im_patch> row: image tokens reach TensorRT-LLM as a prompt table), with the checkpoint's
+    tokenizer files beside it: TensorRT-LLM's ModelOpt quantization (fp8) loads a tokenizer
+    from this directory (``AutoTokenizer.from_pretrained``) for its calibration text."""
+    from locllm_training.model import TOKENIZER_FILES
+
     hf_dir.mkdir(parents=True, exist_ok=True)
     merged.llm.save_pretrained(str(hf_dir), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, hf_dir / name)
 
 
 def convert_checkpoint(plan: TensorRTPlan) -> None:
@@ -338,7 +345,7 @@ def build_tensorrt_targets(engine_dir: str | Path, checkpoint: str | Path, opts:
                 export_typed_vision_onnx(merged, engine_dir / plan.vision.typed_onnx, plan.vision.precision)
             vision_used = build_vision_engine(engine_dir, plan.vision)
             parity = check_vision_parity(engine_dir, plan.vision)
-            export_hf_llama(merged, Path(plan.decoder.hf_dir))
+            export_hf_llama(merged, Path(plan.decoder.hf_dir), checkpoint)
             del merged
             convert_checkpoint(plan)
             run_trtllm_build(plan.decoder.trtllm_build)

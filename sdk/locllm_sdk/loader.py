@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.base import Backend, RequestBackend
 from .descriptions import DescriptionLibrary
-from .errors import ArgumentError, CheckpointError, EngineError, ProtocolError
+from .errors import ArgumentError, BackendUnavailable, CheckpointError, EngineError, ProtocolError
 from .manifest import (
     AUTO,
     BACKEND_NAMES,
@@ -261,21 +262,22 @@ def _torch_backend(checkpoint: Path, threads: int | None) -> tuple[Backend, Mode
 
 
 def _ort_factory(provider: str | None) -> Callable:
-    def make(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None):
+    def make(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None, device: int):
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(engine_dir, manifest, providers=[provider] if provider else None, threads=threads)
+        providers = [provider] if provider else None
+        return OnnxRuntimeBackend(engine_dir, manifest, providers=providers, threads=threads, device=device)
 
     return make
 
 
-def _tensorrt_factory(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None):
+def _tensorrt_factory(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None, device: int):
     from .backends.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(engine_dir, manifest, spec.tokenizer, spec.grammar, spec.prefix_ids)
+    return TensorRTBackend(engine_dir, manifest, spec.tokenizer, spec.grammar, spec.prefix_ids, device=device)
 
 
-# backend name -> (engine dir, manifest, spec, threads) -> backend; its files are verified before
+# backend name -> (engine dir, manifest, spec, threads, GPU index) -> backend; its files are verified before
 BACKEND_FACTORIES: dict[str, Callable] = {
     ORT_CPU: _ort_factory(None),
     ORT_CUDA: _ort_factory("CUDAExecutionProvider"),
@@ -283,10 +285,18 @@ BACKEND_FACTORIES: dict[str, Callable] = {
 }
 
 
-def load(path: str | Path, backend: str = AUTO, threads: int | None = None, verify: bool = True) -> LoadedModel:
-    """Load an engine directory or a checkpoint for ``backend`` (see ``BACKEND_NAMES``)."""
+def load(
+    path: str | Path, backend: str = AUTO, threads: int | None = None, verify: bool = True, device: int = 0
+) -> LoadedModel:
+    """Load an engine directory or a checkpoint for ``backend`` (see ``BACKEND_NAMES``).
+
+    ``auto`` tries the fastest backend this machine seems able to run and falls back (with a
+    warning) to the next when it cannot start, down to ONNX Runtime on the CPU; an explicit
+    backend that cannot run raises ``BackendUnavailable``. ``device``: the GPU index."""
     if backend not in BACKEND_NAMES:
         raise ArgumentError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        raise ArgumentError(f"device must be a GPU index (an int >= 0), got {device!r}")
     path = Path(path)
     kind = model_kind(path)
     if kind != ENGINE:
@@ -298,9 +308,18 @@ def load(path: str | Path, backend: str = AUTO, threads: int | None = None, veri
         return LoadedModel(path, kind, TORCH, spec, runner, DescriptionLibrary.load(), keep_alive=keep)
     manifest = EngineManifest.read(path)
     if backend == AUTO:
-        from .backends.select import choose_backend
+        from .backends.select import backend_candidates
 
-        backend = choose_backend(manifest)
+        candidates = backend_candidates(manifest)
+        for i, name in enumerate(candidates):
+            try:
+                return load(path, name, threads=threads, verify=verify, device=device)
+            except BackendUnavailable as e:
+                if i == len(candidates) - 1:
+                    raise
+                warnings.warn(
+                    f"backend {name!r} cannot run here ({e}); falling back to {candidates[i + 1]!r}", stacklevel=3
+                )
     if backend == TORCH:
         source = Path(manifest.model.source_checkpoint)
         if not (source / "config.json").is_file():
@@ -313,6 +332,6 @@ def load(path: str | Path, backend: str = AUTO, threads: int | None = None, veri
     else:
         manifest.verify_files(path, manifest.files_of_backend(ENTRY_OF_BACKEND[backend]), checksums=verify)
         spec = ModelSpec.from_manifest(path, manifest)
-        runner, keep = BACKEND_FACTORIES[backend](path, manifest, spec, threads), []
+        runner, keep = BACKEND_FACTORIES[backend](path, manifest, spec, threads, device), []
     library = DescriptionLibrary.load(manifest.path(path, DESCRIPTIONS_FILE))
     return LoadedModel(path, ENGINE, backend, spec, runner, library, manifest, keep)

@@ -36,10 +36,13 @@ class Pose:
         threads: int | None = None,
         verify: bool = True,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        device: int = 0,
     ):
         """``memory_budget_mb`` bounds the working memory of one call: crops go through the
         vision tower, the prefix prefill and the decoding in chunks that fit it (many persons
-        x keypoints on a large model run in several chunks, with the same answers)."""
+        x keypoints on a large model run in several chunks, with the same answers). ``device``: the
+        GPU index of the GPU backends. ``backend="auto"`` falls back to the next backend (down to
+        ONNX Runtime on the CPU) when the fastest one cannot start; an explicit one raises."""
         if decoding not in DECODING:
             raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
         if (
@@ -48,7 +51,7 @@ class Pose:
             or not memory_budget_mb > 0
         ):
             raise ArgumentError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
-        self.model: LoadedModel = load(model, backend, threads=threads, verify=verify)
+        self.model: LoadedModel = load(model, backend, threads=threads, verify=verify, device=device)
         self.path, self.decoding, self.memory_budget_mb = Path(model), decoding, memory_budget_mb
 
     # what callers read

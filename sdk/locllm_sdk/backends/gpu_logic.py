@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import BackendUnavailable
 from ..protocol import SPIECE_UNDERLINE, AnswerGrammar
 
 # Spelling given to every token that must never appear in an answer (see guided_vocabulary).
@@ -70,8 +71,18 @@ def answer_regex(grammar: AnswerGrammar, text_of: Callable[[int], str]) -> str:
             text = text_of(slot)
             if not text:
                 raise ValueError(f"answer token {slot} has no text; cannot write a regex for it")
-            parts.append(re.escape(text))
+            parts.append(regex_literal(text))
     return "".join(parts)
+
+
+_REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}")
+
+
+def regex_literal(text: str) -> str:
+    """``text`` as a regex literal escaping only the metacharacters: ``re.escape`` also escapes
+    spaces (``\\ ``), an escape xgrammar's regex converter does not know (it warns and reads a
+    space, by luck); a plain space means the same to every engine."""
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in text)
 
 
 def answer_token_ids(grammar: AnswerGrammar) -> set[int]:
@@ -193,7 +204,7 @@ def shared_prefix_blocks(prefix_len: int, tokens_per_block: int) -> int:
 # Build machine record and compatibility
 
 
-class IncompatibleEngine(RuntimeError):
+class IncompatibleEngine(BackendUnavailable):
     """A TensorRT / TensorRT-LLM engine built for another GPU or other library versions."""
 
 

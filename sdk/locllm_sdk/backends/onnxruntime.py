@@ -33,11 +33,16 @@ class OnnxRuntimeBackend(Backend):
         manifest: EngineManifest,
         providers: list[str] | None = None,
         threads: int | None = None,
+        device: int = 0,
     ):
+        """``providers``: ONNX Runtime execution providers (default CPU); with
+        ``CUDAExecutionProvider`` first, ``device`` is the GPU index."""
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - base install has it
-            raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") from e
+            raise BackendUnavailable(
+                "ONNX Runtime is not installed: pip install 'locllm-sdk[cpu]' (or 'locllm-sdk[gpu]' on NVIDIA machines)"
+            ) from e
         files: OnnxRuntimeEntry = manifest.backend(ORT_CPU)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -46,13 +51,28 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        wanted = providers[0]
+        cuda = wanted == "CUDAExecutionProvider"
+        provider_args = [(wanted, {"device_id": str(device)}), *providers[1:]] if cuda else providers
 
         def session(name: str):
             path = manifest.path(engine_dir, name)
             try:
-                return ort.InferenceSession(str(path), opts, providers=providers)
+                sess = ort.InferenceSession(str(path), opts, providers=provider_args)
             except Exception as e:  # ORT raises its own types (InvalidProtobuf, Fail, ...)
                 raise EngineError(f"{path}: ONNX Runtime cannot load this graph: {str(e).splitlines()[0]}") from e
+            # onnxruntime-gpu falls back to CPU silently, at construction and (Session.run retries
+            # on CPU after an execution-provider failure) during a run: check what the session
+            # really uses, and make a failing run raise instead of retrying on CPU.
+            actual = sess.get_providers()
+            if not actual or actual[0] != wanted:
+                raise BackendUnavailable(
+                    f"ONNX Runtime did not enable {wanted} for {name} (the session runs on {actual}); "
+                    "refusing to pretend"
+                )
+            if cuda:
+                sess.disable_fallback()
+            return sess
 
         m = manifest.model
         self.vision = session(files.vision)
@@ -65,15 +85,9 @@ class OnnxRuntimeBackend(Backend):
         if self.shared is not None:
             _check_io(self.shared, files.decoder_shared, *shared_step_io_names(m.num_layers))
         self.supports_shared_prefix = self.shared is not None
-        wanted = providers[0]
-        actual = self.decoder.get_providers()
-        # onnxruntime-gpu falls back to CPU silently: check what the session really uses.
-        if wanted not in actual or self.vision.get_providers()[0] != wanted:
-            raise BackendUnavailable(
-                f"ONNX Runtime did not enable {wanted} (sessions run on {actual}); refusing to pretend"
-            )
-        self.providers = actual
-        if wanted == "CUDAExecutionProvider":
+        self.providers = self.decoder.get_providers()
+        self.device = device if cuda else None
+        if cuda:
             self.name = ORT_CUDA
         path = manifest.path(engine_dir, files.embeddings)
         try:
