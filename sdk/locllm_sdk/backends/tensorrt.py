@@ -22,6 +22,9 @@ bindings take) only here, when the backend is chosen.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,77 @@ class TrtVisionRunner:
         return self.run_device(pixels).cpu().numpy()
 
 
+class AnswerLogitsProcessor:
+    """TensorRT-LLM batched logits post-processor for the answer grammar.
+
+    Called by the executor once per generation step with every constrained request in the
+    batch: ``(request ids, logits [beams, 1, vocab(_padded)] per request, token ids per beam
+    (prompt + generated so far), CUDA stream, client ids)``. For each request registered here
+    (by client id) it records the official score of the step, the max-softmax of the *raw*
+    logits over the full vocabulary, then masks the logits in place so that greedy sampling
+    takes exactly what ``decoding.constrained_decode`` takes: the skeleton's forced token, or
+    the argmax over the ten digits at a free slot (EOS after the answer). The scores stay on
+    the device until ``pop`` reads them once per request."""
+
+    def __init__(self, grammar: AnswerGrammar, vocab_size: int):
+        self.grammar, self.vocab_size = grammar, vocab_size  # logits beyond it: the engine's padding
+        self._rows: dict[int, tuple[int, list]] = {}  # client id -> (prompt length, step scores)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._allowed: dict = {}  # (slot index, device) -> allowed token ids tensor
+
+    def register(self, prompt_len: int) -> int:
+        with self._lock:
+            client = next(self._ids)
+            self._rows[client] = (int(prompt_len), [])
+        return client
+
+    def pop(self, client: int) -> np.ndarray:
+        with self._lock:
+            _, scores = self._rows.pop(client, (0, []))
+        if not scores:
+            return np.zeros(0)
+        import torch
+
+        return torch.stack(scores).double().cpu().numpy()
+
+    def _allowed_ids(self, step: int, device):
+        slots = self.grammar.slots
+        key = (min(step, len(slots)), str(device))
+        if key not in self._allowed:
+            import torch
+
+            if step >= len(slots):
+                ids = [self.grammar.eos_id]
+            elif slots[step] == AnswerGrammar.FREE:
+                ids = list(self.grammar.digit_ids)
+            else:
+                ids = [slots[step]]
+            self._allowed[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._allowed[key]
+
+    def __call__(self, req_ids, logits_batch, ids_batch, stream_ptr, client_ids) -> None:
+        import torch
+
+        stream = torch.cuda.stream(torch.cuda.ExternalStream(stream_ptr)) if stream_ptr else contextlib.nullcontext()
+        with stream:
+            for logits, ids, client in zip(logits_batch, ids_batch, client_ids):
+                row = self._rows.get(client)
+                if row is None:
+                    continue  # not a constrained request of ours
+                prompt_len, scores = row
+                step = len(ids[0]) - prompt_len
+                x = logits.float()
+                # official score: max-softmax over the full (unpadded) vocabulary, before any mask
+                real = x[..., : self.vocab_size]
+                peak = real.amax(dim=-1, keepdim=True)
+                scores.append((1.0 / torch.exp(real - peak).sum(dim=-1)).reshape(-1)[0])
+                allowed = self._allowed_ids(step, logits.device)
+                keep = logits[..., allowed].clone()
+                logits.fill_(float("-inf"))
+                logits[..., allowed] = keep
+
+
 class TensorRTBackend(RequestBackend):
     name = TENSORRT
 
@@ -129,38 +203,67 @@ class TensorRTBackend(RequestBackend):
         gpu_logic.check_compatibility(manifest.build_machine or {}, here)
         self.machine = here
         self.entry = entry
-        self.device = torch.device("cuda", device)
         plan = manifest.path(engine_dir, entry.vision_plan)
         self.vision = TrtVisionRunner(plan, entry.vision_input, entry.vision_output, device)
+        self._setup(
+            tle,
+            torch,
+            engine_dir / entry.trtllm_dir,
+            tokenizer,
+            grammar,
+            prefix_ids,
+            vocab_size=manifest.model.vocab_size,
+            device=torch.device("cuda", device),
+            table_dtype={"float16": torch.float16, "bfloat16": torch.bfloat16}[entry.decoder_dtype],
+            max_table_rows=entry.prompt_table_rows,
+            max_input_len=entry.max_input_len,
+            kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+        )
+
+    def _setup(
+        self,
+        tle,
+        torch,
+        trtllm_dir,
+        tokenizer: PromptTokenizer,
+        grammar: AnswerGrammar,
+        prefix_ids,
+        vocab_size: int,
+        device,
+        table_dtype,
+        max_table_rows: int,
+        max_input_len: int,
+        kv_cache_free_gpu_memory_fraction: float | None = None,
+    ) -> None:
+        """Everything after the GPU probes: the executor and its answer constraint (a CPU test
+        runs this with a fake executor that behaves like TensorRT-LLM's)."""
+        self.tle, self.torch = tle, torch
+        self.device = device
         self.tokenizer, self.grammar = tokenizer, grammar
         self.prefix_ids = tuple(prefix_ids)
-        self.vocab_size = manifest.model.vocab_size
+        self.vocab_size = vocab_size
         self.dims = grammar.dims
-        self.table_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[entry.decoder_dtype]
-        self.max_table_rows = entry.prompt_table_rows
-        self.max_input_len = entry.max_input_len
-
-        def text_of(t: int) -> str:
-            return gpu_logic.piece_text(tokenizer.piece(t))
-
-        self.regex = gpu_logic.answer_regex(grammar, text_of)
-        # RAW vocabulary (no tokenizer_str): TensorRT-LLM's C++ guided decoder then builds the
-        # xgrammar TokenizerInfo with VocabType::RAW from these strings.
-        guided = tle.GuidedDecodingConfig(
-            tle.GuidedDecodingConfig.GuidedDecodingBackend.XGRAMMAR,
-            encoded_vocab=gpu_logic.guided_vocabulary(self.vocab_size, grammar, text_of),
-            stop_token_ids=[grammar.eos_id],
-        )
+        self.table_dtype = table_dtype
+        self.max_table_rows = max_table_rows
+        self.max_input_len = max_input_len
+        # Constrained decoding by our own batched logits post-processor, not xgrammar guided
+        # decoding: TensorRT-LLM stores later steps' generation logits as views of the decoder
+        # buffer that the guided decoder then masks in place (handleGenerationLogits.cpp,
+        # guidedDecoder.cpp, logitsBitmask.cu), so the official score (max-softmax of the raw
+        # logits) cannot be read back. Post-processors run before that mask and before
+        # sampling: ours records the score from the raw logits, then masks itself.
+        self.processor = AnswerLogitsProcessor(grammar, vocab_size)
         kv = {"enable_block_reuse": True}
         if kv_cache_free_gpu_memory_fraction is not None:
             kv["free_gpu_memory_fraction"] = kv_cache_free_gpu_memory_fraction
+        # free decoding (greedy over the full vocabulary, unmasked) reads the generation logits
         config = tle.ExecutorConfig(
-            max_beam_width=1,
-            kv_cache_config=tle.KvCacheConfig(**kv),
-            guided_decoding_config=guided,
-            gather_generation_logits=True,
+            max_beam_width=1, kv_cache_config=tle.KvCacheConfig(**kv), gather_generation_logits=True
         )
-        self.executor = tle.Executor(engine_dir / entry.trtllm_dir, tle.ModelType.DECODER_ONLY, config)
+        processors = tle.LogitsPostProcessorConfig()
+        processors.processor_batched = self.processor
+        config.logits_post_processor_config = processors
+        self.executor = tle.Executor(trtllm_dir, tle.ModelType.DECODER_ONLY, config)
         self.greedy = tle.SamplingConfig(beam_width=1, top_k=1)
 
     # ----------------------------------------------------------------------------------
@@ -207,9 +310,8 @@ class TensorRTBackend(RequestBackend):
 
         constrained = decoding == "constrained"
         max_tokens = len(grammar.slots) if constrained else MAX_NEW_TOKENS[self.dims]
-        output = tle.OutputConfig(return_generation_logits=True, exclude_input_from_output=True)
-        guide = tle.GuidedDecodingParams(tle.GuidedDecodingParams.GuideType.REGEX, self.regex) if constrained else None
-        requests = []
+        output = tle.OutputConfig(return_generation_logits=not constrained, exclude_input_from_output=True)
+        requests, clients = [], []
         for r, suffix in enumerate(suffixes):
             c = int(crop_of_row[r])
             lay = gpu_logic.request_layout(self.prefix_ids, im_patch, self.vocab_size, suffix, keys[c])
@@ -218,14 +320,26 @@ class TensorRTBackend(RequestBackend):
                     f"a keypoint prompt of {len(lay.input_ids)} tokens exceeds this engine's max_input_len "
                     f"{self.max_input_len}: shorten the description or rebuild with a larger --max-description-tokens"
                 )
-            requests.append(tle.Request(
-                lay.input_ids, max_tokens, output_config=output, guided_decoding_params=guide,
+            request = tle.Request(
+                lay.input_ids, max_tokens, output_config=output,
                 prompt_tuning_config=self._prompt_config(tables[c], lay), **common,
-            ))  # fmt: skip
-        results = self._run(requests)
+            )  # fmt: skip
+            if constrained:  # our post-processor constrains and scores this request
+                request.logits_post_processor_name = tle.Request.BATCHED_POST_PROCESSOR_NAME
+                request.client_id = self.processor.register(len(lay.input_ids))
+                clients.append(request.client_id)
+            requests.append(request)
+        try:
+            results = self._run(requests)
+        finally:
+            confs = [self.processor.pop(cid) for cid in clients]
         answers, steps = [], 0
-        for res in results:
+        for r, res in enumerate(results):
             tokens = [int(t) for t in res.output_token_ids[0]]
+            steps = max(steps, len(tokens))
+            if constrained:
+                answers.append(self._constrained_answer(tokens, confs[r]))
+                continue
             if res.generation_logits is None:
                 raise EngineError(
                     "the TensorRT-LLM engine returned no generation logits (built without "
@@ -233,29 +347,23 @@ class TensorRTBackend(RequestBackend):
                 )
             # [beams, steps, vocab(_padded)] when not streaming; rows beyond the vocabulary are padding
             logits = res.generation_logits[0, :, : self.vocab_size].float().cpu().numpy()
-            steps = max(steps, len(tokens))
-            answers.append(self._parse(tokens, logits, constrained, max_tokens))
+            n_steps = min(logits.shape[0], max_tokens)
+            conf = max_softmax(logits[:n_steps])
+            answers.append(parse_answer(self.tokenizer.decode(tokens), conf[: n_steps - 1], grammar.dims))
         stats = DecodeStats(steps, len(suffixes), len(self.prefix_ids), max(len(s) for s in suffixes))
         return answers, stats
 
-    def _parse(self, tokens: list[int], logits: np.ndarray, constrained: bool, max_tokens: int) -> ParsedAnswer:
+    def _constrained_answer(self, tokens: list[int], conf: np.ndarray) -> ParsedAnswer:
         grammar = self.grammar
-        if constrained:
-            n = len(grammar.slots)
-            digits = gpu_logic.answer_from_tokens(grammar, tokens[:n])
-            if digits is None or logits.shape[0] < n:
-                raise RuntimeError(
-                    f"guided decoding returned {tokens} (logits for {logits.shape[0]} steps), not an answer of the "
-                    "grammar: refusing to pretend"
-                )
-            if not np.isfinite(logits[:n]).all():
-                raise RuntimeError("generation logits are masked (non-finite): the official score needs raw logits")
-            conf = max_softmax(logits[:n])
-            text = self.tokenizer.decode(grammar.fill(digits))
-            return parse_answer(text, conf[:-1], grammar.dims)
-        n_steps = min(logits.shape[0], max_tokens)
-        conf = max_softmax(logits[:n_steps])
-        return parse_answer(self.tokenizer.decode(tokens), conf[: n_steps - 1], grammar.dims)
+        n = len(grammar.slots)
+        digits = gpu_logic.answer_from_tokens(grammar, tokens[:n])
+        if digits is None or len(conf) < n or not np.isfinite(conf[:n]).all():
+            raise RuntimeError(
+                f"the constrained request returned {tokens} with {len(conf)} recorded scores, not an answer of "
+                "the grammar (was the logits post-processor applied?): refusing to pretend"
+            )
+        text = self.tokenizer.decode(grammar.fill(digits))
+        return parse_answer(text, conf[: n - 1], grammar.dims)  # official: the last step's score dropped
 
     def describe(self) -> dict:
         return {
@@ -263,7 +371,7 @@ class TensorRTBackend(RequestBackend):
             "machine": self.machine,
             "vision_precision": self.entry.vision_precision,
             "decoder_precision": self.entry.decoder_precision,
-            "answer_regex": self.regex,
+            "constrained_decoding": "batched logits post-processor (scores from the raw logits)",
         }
 
     def close(self) -> None:
