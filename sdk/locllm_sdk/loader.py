@@ -32,6 +32,7 @@ from .manifest import (
     ORT_CUDA,
     TENSORRT,
     TORCH,
+    TORCH_CUDA,
     EngineManifest,
     kv_bytes_per_token,
     llm_head_dim,
@@ -239,9 +240,10 @@ class LoadedModel:
     keep_alive: list = field(default_factory=list)
 
 
-def _torch_backend(checkpoint: Path, threads: int | None) -> tuple[Backend, ModelSpec, list]:
-    """The torch backend of a checkpoint (ours, or a public one converted on the fly)."""
-    from .backends.torch_ref import TorchBackend
+def _torch_backend(
+    checkpoint: Path, threads: int | None, name: str = TORCH, device: int = 0
+) -> tuple[Backend, ModelSpec, list]:
+    """The torch (or torch-cuda) backend of a checkpoint (ours, or a public one converted on the fly)."""
 
     keep: list = []
     if read_official_config(checkpoint) is not None:
@@ -255,7 +257,14 @@ def _torch_backend(checkpoint: Path, threads: int | None) -> tuple[Backend, Mode
         keep.append(tmp)
         checkpoint = convert_official(checkpoint, Path(tmp.name) / "checkpoint").output
     spec = ModelSpec.from_checkpoint(checkpoint)
-    backend = TorchBackend(checkpoint, threads=threads)
+    if name == TORCH_CUDA:
+        from .backends.torch_cuda import TorchCudaBackend
+
+        backend = TorchCudaBackend(checkpoint, device=device, threads=threads)
+    else:
+        from .backends.torch_ref import TorchBackend
+
+        backend = TorchBackend(checkpoint, threads=threads)
     for f in checkpoint.glob("model*.safetensors*") if keep else ():
         f.unlink()  # the backend holds the weights in memory now; keep config and tokenizer
     return backend, spec, keep
@@ -300,12 +309,14 @@ def load(
     path = Path(path)
     kind = model_kind(path)
     if kind != ENGINE:
-        if backend not in (AUTO, TORCH):
+        if backend not in (AUTO, TORCH, TORCH_CUDA):
             raise EngineError(
-                f"{path} is a checkpoint, not an engine: build one with export/build_engines.py, or use backend='torch'"
+                f"{path} is a checkpoint, not an engine: build one with export/build_engines.py, or use "
+                "backend='torch' / 'torch-cuda'"
             )
-        runner, spec, keep = _torch_backend(path, threads)
-        return LoadedModel(path, kind, TORCH, spec, runner, DescriptionLibrary.load(), keep_alive=keep)
+        name = TORCH if backend == AUTO else backend
+        runner, spec, keep = _torch_backend(path, threads, name, device)
+        return LoadedModel(path, kind, name, spec, runner, DescriptionLibrary.load(), keep_alive=keep)
     manifest = EngineManifest.read(path)
     if backend == AUTO:
         from .backends.select import backend_candidates
@@ -320,15 +331,16 @@ def load(
                 warnings.warn(
                     f"backend {name!r} cannot run here ({e}); falling back to {candidates[i + 1]!r}", stacklevel=3
                 )
-    if backend == TORCH:
+    if backend in (TORCH, TORCH_CUDA):
         source = Path(manifest.model.source_checkpoint)
         if not (source / "config.json").is_file():
             raise EngineError(
-                f"backend='torch' needs the source checkpoint; the manifest names {str(source)!r}, which is not there"
+                f"backend={backend!r} needs the source checkpoint; the manifest names {str(source)!r}, "
+                "which is not there"
             )
         manifest.verify_files(path, manifest.shared_files(), checksums=verify)
         spec = ModelSpec.from_manifest(path, manifest)
-        runner, _, keep = _torch_backend(source, threads)
+        runner, _, keep = _torch_backend(source, threads, backend, device)
     else:
         manifest.verify_files(path, manifest.files_of_backend(ENTRY_OF_BACKEND[backend]), checksums=verify)
         spec = ModelSpec.from_manifest(path, manifest)

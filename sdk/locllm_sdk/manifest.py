@@ -43,8 +43,9 @@ ORT_CPU = "onnxruntime"
 ORT_CUDA = "onnxruntime-cuda"
 TENSORRT = "tensorrt"
 TORCH = "torch"
+TORCH_CUDA = "torch-cuda"
 AUTO = "auto"
-BACKEND_NAMES = (AUTO, ORT_CPU, ORT_CUDA, TENSORRT, TORCH)
+BACKEND_NAMES = (AUTO, ORT_CPU, ORT_CUDA, TENSORRT, TORCH, TORCH_CUDA)
 # the manifest's ``backends`` entry each engine backend runs from (the CUDA provider runs the
 # same ONNX graphs as the CPU one)
 ENTRY_OF_BACKEND = {ORT_CPU: ORT_CPU, ORT_CUDA: ORT_CPU, TENSORRT: TENSORRT}
