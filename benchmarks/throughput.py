@@ -63,12 +63,12 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return statistics.median(rates)
 
 
-def person_flops(manifest: dict, prefix_len: int, tails: list[int], answer_tokens: int, logits_per_row: int) -> float:
+def person_flops(manifest, prefix_len: int, tails: list[int], answer_tokens: int, logits_per_row: int) -> float:
     """Useful FLOPs of the SDK for one person: the ViT once, the prefix once, each row's
     tail (its suffix after the common head) plus the ``answer_tokens`` it is fed, and the
     vocabulary projection at ``logits_per_row`` positions per row (pads not counted).
     Linear layers 2*params*tokens, attention 4*hidden*queries*keys per layer."""
-    m = manifest.model
+    m = getattr(manifest, "model", manifest)  # an EngineManifest, or its ModelInfo (or facts alike)
     h, layers, v = m.hidden_size, m.num_layers, m.vocab_size
     vh, vl = m.vision_hidden_size, m.vision_layers
     if m.decoder_layer_parameters is None or m.vision_parameters is None:

@@ -33,11 +33,13 @@ def reference_locate(
     width = max(map(len, prompts))
     pad = tokenizer.spec.pad_id
     # left padding, as the official eval's tokenizer(padding_side="left")
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device  # the model's (a GPU in benchmarks/gpu_check.py)
+    vision_dtype = next(model.vision.parameters()).dtype
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     out = []
     for crop in pixels:
-        batch = torch.from_numpy(np.repeat(crop[None], len(requests), axis=0))
+        batch = torch.from_numpy(np.repeat(crop[None], len(requests), axis=0)).to(device, vision_dtype)
         features = model.encode_images(batch)  # the same crop K times through the ViT
         embeds = model.build_inputs_embeds(ids, features)
         gen = model.llm.generate(
@@ -52,7 +54,7 @@ def reference_locate(
             eos_token_id=tokenizer.spec.eos_id,
         )
         # with inputs_embeds, sequences hold only the new tokens
-        scores = torch.stack(gen.scores[:-1], dim=0).float().numpy()  # [steps-1, K, V], last dropped
+        scores = torch.stack(gen.scores[:-1], dim=0).float().cpu().numpy()  # [steps-1, K, V], last dropped
         conf = max_softmax(scores)  # [steps-1, K]
         answers = []
         for k in range(len(requests)):

@@ -10,11 +10,23 @@ from pathlib import Path
 from locllm_sdk.protocol import IMAGE_PATCH_TOKEN
 
 MISTRAL_COMMON_VERSION = "1.13.1"
+# sha256 of mistral-common 1.13.1's tokenizer.model.v1, which the bundled demo model ships too
+SP_MODEL_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
 
 def mistral_common_sp_model() -> Path:
-    import mistral_common
+    """mistral-common's tokenizer.model.v1; where mistral-common is not installed (e.g. a GPU
+    machine with only torch and transformers), the identical copy the bundled demo model ships."""
+    try:
+        import mistral_common
+    except ImportError:
+        from locllm_sdk.demo import bundled_model
+        from locllm_sdk.manifest import sha256_file
 
+        path = bundled_model("demo") / "tokenizer.model"
+        if sha256_file(path) != SP_MODEL_SHA256:
+            raise FileNotFoundError(f"{path} is not mistral-common's tokenizer.model.v1 (sha256 differs)") from None
+        return path
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
         raise FileNotFoundError(
