@@ -412,3 +412,25 @@ def test_kv_budget_counts_only_row_tokens_with_cascade(trained):
     # whole persons per chunk
     assert all(len(c) % len(KEYPOINTS) == 0 for c in chunks) and len(chunks) == 2
     assert max(map(len, chunks)) <= rows_room / per_row
+
+
+@pytest.mark.parametrize("decoding", ["constrained", "free"])
+def test_io_binding_gives_the_plain_answers(trained, decoding):
+    """With IO binding (the CUDA default) the KV cache stays in ONNX Runtime's memory as
+    OrtValues from pass to pass; on the CPU the same path must give the very same answers."""
+    from locllm_sdk.backends.onnxruntime import OnnxRuntimeBackend
+    from locllm_sdk.pipeline import locate_in_image
+
+    _, engine = trained[2]
+    plain = Pose(engine)
+    bound = OnnxRuntimeBackend(plain.path, plain.manifest, io_binding=True)
+    assert bound.io_binding and not plain.backend.io_binding
+    rng = np.random.default_rng(11)
+    img = images(1, seed=61)[0]
+    boxes = boxes_for(img, rng, 3)
+    requests = plain.library.resolve(KEYPOINTS)
+    a = locate_in_image(plain.backend, plain.spec, img, boxes, requests, decoding)
+    b = locate_in_image(bound, plain.spec, img, boxes, requests, decoding)
+    assert a.texts == b.texts
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.values, b.values)

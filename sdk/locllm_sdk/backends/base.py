@@ -60,6 +60,10 @@ class Backend(ABC):
         """One decoder pass. ``attention_mask`` [B, past+T] int64, ``position_ids`` [B,T],
         ``logits_index`` [B,K] -> (float32 logits [B,K,V], cache extended by T)."""
 
+    def cache_batch(self, cache: KVCache) -> int:
+        """How many rows (or crops) ``cache`` holds."""
+        return len(cache[0])
+
     # Cascade attention: backends that set this run ``forward_shared``, where the prefix KV
     # stays one copy per crop and row caches hold only the rows' own tokens.
     supports_shared_prefix: bool = False

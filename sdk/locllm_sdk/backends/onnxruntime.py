@@ -34,9 +34,13 @@ class OnnxRuntimeBackend(Backend):
         providers: list[str] | None = None,
         threads: int | None = None,
         device: int = 0,
+        io_binding: bool | None = None,
     ):
         """``providers``: ONNX Runtime execution providers (default CPU); with
-        ``CUDAExecutionProvider`` first, ``device`` is the GPU index."""
+        ``CUDAExecutionProvider`` first, ``device`` is the GPU index. ``io_binding`` (default:
+        on with CUDA): the KV cache stays in ONNX Runtime's device memory from pass to pass
+        (OrtValues bound with IO binding) instead of a host <-> device copy of the whole cache
+        on every pass; only embeddings, masks and positions go up and the logits come down."""
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - base install has it
@@ -104,6 +108,9 @@ class OnnxRuntimeBackend(Backend):
         self._past_names = past_names(self.num_layers)
         self._prefix_names = prefix_names(self.num_layers)
         self._out_names = decoder_io_names(self.num_layers)[1]
+        self.io_binding = cuda if io_binding is None else bool(io_binding)
+        self._ort = ort
+        self._device = ("cuda", device) if cuda else ("cpu", 0)
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.vision.run([VISION_OUTPUT], {VISION_INPUT: np.ascontiguousarray(pixels, np.float32)})[0]
@@ -115,22 +122,49 @@ class OnnxRuntimeBackend(Backend):
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
         return [z] * (2 * self.num_layers)
 
-    def select_rows(self, cache: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
-        rows = np.asarray(rows, np.int64)
-        return [np.ascontiguousarray(c[rows]) for c in cache]
-
     def forward(self, embeds, attention_mask, position_ids, logits_index, cache):
         feeds = _step_feeds(embeds, attention_mask, position_ids, logits_index)
         feeds.update(zip(self._past_names, cache))
-        out = self.decoder.run(self._out_names, feeds)
-        return out[0], out[1:]
+        return self._run(self.decoder, feeds)
 
     def forward_shared(self, embeds, attention_mask, position_ids, logits_index, prefix, cache):
         feeds = _step_feeds(embeds, attention_mask, position_ids, logits_index)
         feeds.update(zip(self._prefix_names, prefix))
         feeds.update(zip(self._past_names, cache))
-        out = self.shared.run(self._out_names, feeds)
-        return out[0], out[1:]
+        return self._run(self.shared, feeds)
+
+    def _run(self, session, feeds: dict):
+        """(logits as numpy, present KV): numpy arrays, or with IO binding OrtValues left on
+        the device (a cache value may be either: numpy ones are copied up by ORT)."""
+        if not self.io_binding:
+            out = session.run(self._out_names, feeds)
+            return out[0], out[1:]
+        io = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, value)
+            else:
+                io.bind_ortvalue_input(name, value)
+        io.bind_output(self._out_names[0], "cpu")  # the logits: read on the host
+        kind, index = self._device
+        for name in self._out_names[1:]:
+            io.bind_output(name, kind, index)
+        session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+    def cache_batch(self, cache) -> int:
+        c = cache[0]
+        return c.shape[0] if isinstance(c, np.ndarray) else c.shape()[0]
+
+    def select_rows(self, cache, rows: np.ndarray):
+        # once per decoding chunk (a crop's prefix to its rows), not per pass: through the host
+        rows = np.asarray(rows, np.int64)
+        arrays = [np.ascontiguousarray((c if isinstance(c, np.ndarray) else c.numpy())[rows]) for c in cache]
+        if not self.io_binding:
+            return arrays
+        kind, index = self._device
+        return [self._ort.OrtValue.ortvalue_from_numpy(a, kind, index) for a in arrays]
 
     def describe(self) -> dict:
         import onnxruntime as ort
