@@ -120,8 +120,14 @@ def init_checkpoint(
     legacy: bool = False,
     image_size: int | None = None,
     teach_format_steps: int = 0,
+    lora: bool = True,
 ) -> Path:
+    """``lora=False``: no adapters (no peft injection), e.g. for a machine whose transformers
+    names the HF modules differently (5.x) than the LoRA targets (4.57)."""
     config = preset_config(preset, dims=dims, image_size=image_size)
+    if not lora:
+        config.lora_vision = LoraSettings(enabled=False)
+        config.lora_llm = LoraSettings(enabled=False)
     # a preset built on a pretrained backbone is a training start: adapters start at zero
     model = random_model(config, seed=seed, random_lora=config.vision_weights is None)
     with tempfile.TemporaryDirectory() as tmp:

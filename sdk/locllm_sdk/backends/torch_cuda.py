@@ -57,10 +57,12 @@ class TorchCudaBackend(Backend):
         threads: int | None = None,
         cuda_graphs: bool = False,
         row_capacity: int = 96,
+        compile: bool = False,
     ):
         """``device``: "cuda", a GPU index, or "cpu" (fp32, for tests); ``dtype``: the LM's,
         "bfloat16" (default on CUDA) or "float32"; ``row_capacity``: row slots reserved per
-        row (suffix + answer tokens; grown if a request needs more)."""
+        row (suffix + answer tokens; grown if a request needs more); ``compile``: the rows'
+        pass through ``torch.compile`` (fixed shapes per pass, so few recompiles)."""
         try:
             import torch
             from locllm_training.graphs import DecoderStep, VisionTower, empty_past
@@ -95,6 +97,7 @@ class TorchCudaBackend(Backend):
         self.head_dim = self.step.llm.model.layers[0].self_attn.head_dim
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.row_capacity = int(row_capacity)
+        self._layers = torch.compile(self._cascade_layers, dynamic=False) if compile else self._cascade_layers
 
     # -- the Backend contract ----------------------------------------------------------
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -203,7 +206,7 @@ class TorchCudaBackend(Backend):
     def _cascade_pass(self, cache: CascadeCache, inputs, past: int, steps: int):
         key = (cache.crops, cache.rows_per_crop, steps, past, cache.cap)
         if not self.cuda_graphs:
-            return self._cascade_layers(cache, *inputs, past, steps)
+            return self._layers(cache, *inputs, past, steps)
         graph = cache.graphs.get(key)
         if graph is None:  # capture once per pass shape; replays copy the inputs in
             t = self._torch
@@ -211,11 +214,11 @@ class TorchCudaBackend(Backend):
             stream = t.cuda.Stream()
             stream.wait_stream(t.cuda.current_stream())
             with t.cuda.stream(stream):  # warm-up outside the graph, as CUDA graph capture requires
-                self._cascade_layers(cache, *static, past, steps)
+                self._layers(cache, *static, past, steps)
             t.cuda.current_stream().wait_stream(stream)
             g = t.cuda.CUDAGraph()
             with t.cuda.graph(g):
-                out = self._cascade_layers(cache, *static, past, steps)
+                out = self._layers(cache, *static, past, steps)
             graph = cache.graphs[key] = (g, static, out)
         g, static, out = graph
         for dst, src in zip(static, inputs):
