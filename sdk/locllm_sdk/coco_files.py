@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, read_json
 
 
 def read_coco(gt_json: str | Path) -> dict:
@@ -14,12 +13,7 @@ def read_coco(gt_json: str | Path) -> dict:
     path = Path(gt_json)
     if not path.is_file():
         raise DataError(f"COCO file not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: a COCO file is a JSON object, got {type(doc).__name__}")
+    doc = read_json(path, DataError, "a COCO file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list):
             raise DataError(f"{path}: no {key!r} list (is it a COCO keypoints file?)")

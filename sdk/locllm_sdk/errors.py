@@ -7,6 +7,10 @@ written against the built-ins keeps working.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class LocLLMError(Exception):
     """Base of every error raised by locllm_sdk on purpose."""
@@ -53,3 +57,18 @@ class DataError(LocLLMError, ValueError):
 
 class BackendUnavailable(LocLLMError, RuntimeError):
     """The backend asked for cannot run here (missing package, provider, device)."""
+
+
+def read_json(path: str | Path, error: type[LocLLMError], kind: str | None = None) -> Any:
+    """A JSON file, parsed; ``error`` naming the file when it cannot be read or parsed, and
+    (with ``kind``, e.g. "a config") when it is not a JSON object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise error(f"{path} not found") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if kind is not None and not isinstance(data, dict):
+        raise error(f"{path}: {kind} is a JSON object, got {type(data).__name__}")
+    return data

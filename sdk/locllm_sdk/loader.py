@@ -12,7 +12,6 @@ the engine files it opens against the manifest before opening them.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .backends.base import Backend, RequestBackend
 from .descriptions import DescriptionLibrary
-from .errors import ArgumentError, BackendUnavailable, CheckpointError, EngineError, ProtocolError
+from .errors import ArgumentError, BackendUnavailable, CheckpointError, EngineError, ProtocolError, read_json
 from .manifest import (
     AUTO,
     BACKEND_NAMES,
@@ -191,15 +190,9 @@ class ModelSpec:
 def read_config(directory: Path) -> dict:
     """A checkpoint's config.json as a dict; CheckpointError naming the file otherwise."""
     path = Path(directory) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{directory}: no config.json (is this a LocLLM checkpoint directory?)") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a config is a JSON object, got {type(data).__name__}")
-    return data
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (is this a LocLLM checkpoint directory?)")
+    return read_json(path, CheckpointError, "a config")
 
 
 def read_official_config(path: str | Path) -> dict | None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError
+from .errors import EngineError, read_json
 
 ENGINE_FORMAT = "locllm-engine"
 ENGINE_FORMAT_VERSION = 1
@@ -506,11 +506,7 @@ class EngineManifest:
             raise EngineError(f"engine directory not found: {engine_dir}")
         if not path.is_file():
             raise EngineError(f"{engine_dir} is not an engine directory: {MANIFEST} is missing")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EngineError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, EngineError), str(path))
 
     # -- writing ----------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -13,7 +13,6 @@ added token. Answers are ``" [0.xxx,0.yyy]"`` (2D) or ``" [0.xxx,0.yyy,0.zzzzzz]
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ProtocolError
+from .errors import ProtocolError, read_json
 
 PROTOCOL_VERSION = "locllm-v1"
 IMAGE_PATCH_TOKEN = "<im_patch>"
@@ -158,15 +157,7 @@ def read_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
 
 def _json_object(path: Path) -> dict:
     """A tokenizer JSON file as a dict ({} when absent); ProtocolError naming it when malformed."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path, ProtocolError, "a tokenizer file") if path.is_file() else {}
 
 
 def _sentencepiece(model_path: Path):
