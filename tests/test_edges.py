@@ -434,3 +434,12 @@ def test_malformed_coco_files(pose, tmp_path):
             predict_coco(pose, gt)
     with pytest.raises(DataError, match="not found"):
         predict_coco(pose, tmp_path / "missing.json")
+
+
+def test_checkpoint_image_size_that_does_not_fit_num_patches(trained, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained[2][0], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "image_size": 2 * cfg["image_size"]}))
+    with pytest.raises(CheckpointError, match="num_patches .* does not fit image_size"):
+        Pose(ckpt, backend="torch")

@@ -137,6 +137,7 @@ class ModelSpec:
             llm = config["llm"]
             dims = int(config["coord_dims"])
             image_size, num_patches = int(config["image_size"]), int(config["num_patches"])
+            patch = int(config.get("patch_size") or 14)
             heads = int(llm["num_attention_heads"])
             head_dim = llm_head_dim(llm["hidden_size"], heads, llm.get("head_dim"))
             kv = kv_bytes_per_token(llm["num_hidden_layers"], llm.get("num_key_value_heads") or heads, head_dim)
@@ -159,6 +160,11 @@ class ModelSpec:
             raise CheckpointError(f"{source}: field {e.args[0]!r} is missing") from e
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: malformed field ({e})") from e
+        if num_patches != (image_size // patch) ** 2:
+            raise CheckpointError(
+                f"{source}: num_patches {num_patches} does not fit image_size {image_size} / patch_size {patch} "
+                f"({(image_size // patch) ** 2} patches)"
+            )
         if tokenizer.spec.im_patch_id != im_patch:
             raise CheckpointError(f"{source}: <im_patch> id in the tokenizer differs from config.json")
         version = config.get("protocol_version", PROTOCOL_VERSION)
