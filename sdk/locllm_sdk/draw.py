@@ -27,9 +27,17 @@ _PALETTE = [
 
 
 def draw_results(
-    image: object, results: Results, out: str | Path | None = None, library: DescriptionLibrary | None = None
+    image: object,
+    results: Results,
+    out: str | Path | None = None,
+    library: DescriptionLibrary | None = None,
+    labels: bool = False,
+    kpt_thr: float | None = None,
 ) -> np.ndarray:
-    """Boxes, keypoints (radius by score) and COCO limbs where both ends were asked for."""
+    """Boxes, keypoints and COCO limbs where both ends were asked for (RGB image back).
+
+    ``kpt_thr``: keypoints scoring below it (and their limbs) are not drawn; ``labels``: each
+    box carries "person i" and the person score."""
     img = load_image(image).copy()
     library = library or DescriptionLibrary.load()
     limbs = []
@@ -47,11 +55,17 @@ def draw_results(
         color = _PALETTE[i % len(_PALETTE)]
         x, y, w, h = person.box
         cv2.rectangle(img, point(x, y), point(x + w, y + h), color, scale)
-        pts = {k.name: point(k.x, k.y) for k in person}
+        if labels:
+            org = point(x, y)
+            text = f"person {i} {person.score:.2f}"
+            cv2.putText(img, text, (org[0] + 2, max(org[1] - 4, 10 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.35 * scale, color, max(1, scale // 2), cv2.LINE_AA)  # fmt: skip
+        shown = [k for k in person if kpt_thr is None or k.score >= kpt_thr]
+        pts = {k.name: point(k.x, k.y) for k in shown}
         for a, b in limbs:
             if a in pts and b in pts:
                 cv2.line(img, pts[a], pts[b], color, scale, cv2.LINE_AA)
-        for k in person:
+        for k in shown:
             cv2.circle(img, pts[k.name], 2 * scale + 1, (255, 255, 255), -1, cv2.LINE_AA)
             cv2.circle(img, pts[k.name], 2 * scale, color, -1, cv2.LINE_AA)
     if out is not None:

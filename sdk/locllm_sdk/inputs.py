@@ -74,8 +74,8 @@ def validate_boxes(boxes: object, image_hw: tuple[int, int], box_format: str = "
 
     ``boxes``: None (the whole image), one box of 4 numbers, a list of boxes, or an (N, 4)
     array, in ``box_format``: ``"xywh"`` (COCO, the default), ``"xyxy"`` (corners) or
-    ``"cxcywh"`` (center and size). Refused with a BoxError naming the box: no boxes at all,
-    rows that are not 4 numbers (detector rows of 5 or 6 numbers get a hint), non-finite
+    ``"cxcywh"`` (center and size); an empty list is no person (an empty result). Refused with
+    a BoxError naming the box: rows that are not 4 numbers (detector rows of 5 or 6 numbers get a hint), non-finite
     values, boxes under 2 pixels wide or high, boxes entirely outside the image."""
     if box_format not in BOX_FORMATS:
         raise BoxError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
@@ -83,8 +83,6 @@ def validate_boxes(boxes: object, image_hw: tuple[int, int], box_format: str = "
     if boxes is None:
         return [[0.0, 0.0, float(w), float(h)]]
     rows = _rows(boxes)
-    if not rows:
-        raise BoxError("boxes is empty: give at least one [x, y, w, h] box, or None for the whole image")
     out = []
     layout = {"xywh": "x, y, w, h", "xyxy": "x1, y1, x2, y2", "cxcywh": "cx, cy, w, h"}[box_format]
     for i, row in enumerate(rows):

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import crop as cropping
+from .detectors import detect
 from .errors import ArgumentError
 from .inputs import validate_boxes
 from .loader import LoadedModel, load
@@ -84,6 +85,9 @@ class Pose:
         flip: bool = False,
         box_format: str = "xywh",
         channels: str = "rgb",
+        detector=None,
+        score_threshold: float = 0.0,
+        classes=None,
     ) -> Results:
         """Locate ``keypoints`` (names, a skeleton name like ``"coco17"``, or a
         ``{name: description}`` mapping) for each person box ``[x, y, w, h]`` (default: the
@@ -98,11 +102,24 @@ class Pose:
         ``box_format``: ``"xywh"`` (default), ``"xyxy"`` or ``"cxcywh"``; results report boxes
         as ``[x, y, w, h]``. ``channels``: the channel order of an array image, ``"rgb"``
         (default) or ``"bgr"`` (OpenCV's). Bad input raises an error of the SDK's own type
-        (``locllm_sdk.errors``) naming the input and the problem, before any model work."""
+        (``locllm_sdk.errors``) naming the input and the problem, before any model work.
+
+        ``detector``: a callable RGB image -> ``(N, 4|5|6)`` array ``[x1, y1, x2, y2(, score(,
+        class))]`` giving the person boxes instead of ``boxes`` (``detectors.boxes_from_detections``:
+        rows scoring under ``score_threshold`` or, with ``classes``, of another class are dropped).
+        No box (``boxes=[]`` or nothing detected) gives an empty result."""
         img = cropping.load_image(image, channels=channels)
         requests = self.library.resolve(keypoints)
         h, w = img.shape[:2]
+        if detector is not None:
+            if boxes is not None:
+                raise ArgumentError("give boxes or a detector, not both")
+            boxes = detect(detector, img, score_threshold, classes)
+            box_format = "xywh"
         boxes = validate_boxes(boxes, (h, w), box_format)
+        if not boxes:
+            info = {"backend": self.backend_name, "decoding": self.decoding, "decoder_passes": 0, "flip": flip}
+            return Results([], [r.name for r in requests], (h, w), info, orig_img=img)
         mirrored = [self.library.mirror(r) for r in requests] if flip else None
         out = locate_in_image(
             self.backend, self.spec, img, boxes, requests, self.decoding, self.memory_budget_mb, mirrored
@@ -129,7 +146,7 @@ class Pose:
             "decoder_passes": out.stats.decoder_passes,
             "flip": flip,
         }
-        return Results(persons, [r.name for r in requests], (h, w), info)
+        return Results(persons, [r.name for r in requests], (h, w), info, orig_img=img)
 
     __call__ = locate
 

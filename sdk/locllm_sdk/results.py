@@ -73,6 +73,7 @@ class Results:
     keypoint_names: list[str]
     image_size: tuple[int, int]  # (height, width)
     info: dict = field(default_factory=dict)
+    orig_img: np.ndarray | None = field(default=None, repr=False, compare=False)  # the RGB image, for plot()
 
     def __len__(self) -> int:
         return len(self.persons)
@@ -84,8 +85,34 @@ class Results:
         return self.persons[i]
 
     def numpy(self) -> np.ndarray:
-        """[persons, K, 3 or 4]."""
+        """[persons, K, 3 or 4] ([0, K, 3] without persons)."""
+        if not self.persons:
+            return np.zeros((0, len(self.keypoint_names), 3))
         return np.stack([p.numpy() for p in self.persons])
+
+    @property
+    def xy(self) -> np.ndarray:
+        """[persons, K, 2] image pixels (as ultralytics' ``Keypoints.xy``)."""
+        pts = [[(k.x, k.y) for k in p] for p in self.persons]
+        return np.asarray(pts, np.float64).reshape(len(self.persons), len(self.keypoint_names), 2)
+
+    @property
+    def conf(self) -> np.ndarray:
+        """[persons, K] keypoint scores (the official score; as ultralytics' ``Keypoints.conf``)."""
+        scores = [[k.score for k in p] for p in self.persons]
+        return np.asarray(scores, np.float64).reshape(len(self.persons), len(self.keypoint_names))
+
+    def plot(self, labels: bool = True, kpt_thr: float | None = None, image=None) -> np.ndarray:
+        """The annotated RGB image (boxes, keypoints, COCO limbs; see ``draw.draw_results``), on
+        ``image`` or the image the result was computed on."""
+        from .draw import draw_results
+
+        image = self.orig_img if image is None else image
+        if image is None:
+            from .errors import ImageError
+
+            raise ImageError("this result holds no image (made without Pose.locate): pass plot(image=...)")
+        return draw_results(image, self, labels=labels, kpt_thr=kpt_thr)
 
     def to_dict(self) -> dict:
         return {
