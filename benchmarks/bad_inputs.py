@@ -299,6 +299,15 @@ def box_cases(c: Ctx) -> list[Case]:
         """Clipped to the image as COCO loaders clip: the whole image's answers (the box is reported as given)."""
         return lambda: same_as(c.locate(boxes=boxes, **kw), whole, "boxes=None", boxes=False)
 
+    def nobody(boxes):
+        """No box is no person: an empty result (a frame where a detector found nobody)."""
+
+        def check():
+            res = c.locate(boxes=boxes)
+            return len(res) == 0 and res.numpy().shape[0] == 0, f"{len(res)} person(s)"
+
+        return check
+
     def two_boxes():
         res = c.locate(boxes=two)
         for i, b in enumerate(two):
@@ -367,10 +376,10 @@ def box_cases(c: Ctx) -> list[Case]:
         ("3-D array (1,1,4)", ERR, bad(np.array([[BOX]]))),
         ("(4,1) column array", ERR, bad(np.array(BOX).reshape(4, 1))),
         ("nested too deep [[[x,y,w,h]]]", ERR, bad([[BOX]])),
-        ("empty list []", ERR, bad([])),
-        ("empty tuple ()", ERR, bad(())),
-        ("empty (0,4) array", ERR, bad(np.zeros((0, 4)))),
-        ("empty 1-D array", ERR, bad(np.zeros((0,)))),
+        ("empty list [] -> no person", RES, nobody([])),
+        ("empty tuple () -> no person", RES, nobody(())),
+        ("empty (0,4) array -> no person", RES, nobody(np.zeros((0, 4)))),
+        ("empty 1-D array -> no person", RES, nobody(np.zeros((0,)))),
         ("unknown box_format 'xywhn'", ERR, bad([BOX], box_format="xywhn")),
         ("box_format=None", ERR, bad([BOX], box_format=None)),
         ("box_format='yolo'", ERR, bad([BOX], box_format="yolo")),
