@@ -150,6 +150,22 @@ class Pose:
 
     __call__ = locate
 
+    def stream(self, source, keypoints, progress: bool | None = None, **locate_kwargs):
+        """``(Frame, Results)`` for every frame of ``source``: an image (path or array), a
+        folder, a glob, a video file, a webcam index or a stream URL (``sources.frames``),
+        each through ``locate(frame.image, keypoints, **locate_kwargs)`` (boxes, detector=,
+        flip, ...). ``progress``: a tqdm bar (default: for anything longer than one image)."""
+        from . import sources
+
+        total = sources.length(source)
+        it = sources.frames(source)
+        if progress if progress is not None else total != 1:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=total, unit="frame", desc=f"locllm {sources.kind(source)}")
+        for frame in it:
+            yield frame, self.locate(frame.image, keypoints, **locate_kwargs)
+
     def __repr__(self) -> str:
         return (
             f"Pose({str(self.path)!r}, backend={self.backend_name!r}, decoding={self.decoding!r}, "

@@ -122,6 +122,20 @@ class Results:
             "info": self.info,
         }
 
+    def to_coco(self, image_id: int, category_id: int = 1) -> list[dict]:
+        """COCO keypoint results (one per person: ``keypoints`` [x, y, score]*K, the person
+        score, the box as given), as ``pycocotools`` ``loadRes`` and ``benchmarks/accuracy.py`` read them."""
+        return [
+            {
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": [float(v) for v in p.box],
+                "score": p.score,
+                "keypoints": [round(float(v), 3) for k in p for v in (k.x, k.y, k.score)],
+            }
+            for p in self.persons
+        ]
+
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
