@@ -35,6 +35,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 89_478_485
 MIN_IMAGE_SIDE = 2
 IMAGE_FORMATS = ("JPEG", "PNG", "WebP", "BMP")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # the file names of those formats
 
 
 def load_image(

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .loader import read_config
 from .manifest import GRAPH_REVISION, MANIFEST, read_manifest
 
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -67,7 +67,7 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
         else:
             digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     config = checkpoint / "config.json"
-    parent = json.loads(config.read_text()).get("parent_weights") if config.is_file() else None
+    parent = read_config(checkpoint).get("parent_weights") if config.is_file() else None
     if parent:
         digest.update(checkpoint_digest(checkpoint / parent["path"]).encode())
     return digest.hexdigest()
@@ -127,8 +127,7 @@ def _locked(path: Path):
 
 def held_out_keypoints(checkpoint: Path) -> list[str]:
     """Keypoints the checkpoint was trained without (recorded by training/train.py)."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    return list((config.get("trained") or {}).get("exclude") or [])
+    return list((read_config(checkpoint).get("trained") or {}).get("exclude") or [])
 
 
 def run_demo(

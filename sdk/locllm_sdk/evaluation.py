@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .descriptions import coco17
+from .errors import DataError, read_json
 from .protocol import unit_to_depth
 
 COCO17_NAMES = list(coco17().keypoints)
@@ -131,10 +131,10 @@ def oks_matrix(pred_kpts: np.ndarray, gt_kpts: np.ndarray, gt_areas: np.ndarray,
 
 # ----------------------------------------------------------------------------- COCO files
 def load_json(obj: str | Path | dict | list) -> Any:
+    """A ground-truth or results document, or the file holding it (DataError naming a bad file)."""
     if isinstance(obj, (dict, list)):
         return obj
-    with open(obj, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(obj, DataError)
 
 
 def _keypoint_names(gt: dict, k: int) -> tuple[list[str], str]:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .crop import load_image
+from .crop import IMAGE_SUFFIXES, load_image
 from .errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
