@@ -66,3 +66,7 @@ def test_xy_conf_and_plot(pose):
     all_kpts = res.plot(labels=False)
     assert (all_kpts != hidden).sum() > 0
     assert (hidden != img).any()  # the boxes stay
+    from locllm_sdk import ArgumentError
+
+    with pytest.raises(ArgumentError, match="kpt_thr must be a number"):
+        res.plot(kpt_thr="high")

@@ -62,6 +62,10 @@ def test_video_written_here(pose, tmp_path):
     assert got[2][0].name == f"{path}#2"
     with pytest.raises(DataError, match="video file not found"):
         list(src.frames(tmp_path / "missing.mp4"))
+    with pytest.raises(DataError, match="video file not found"):  # refused before a progress bar starts
+        src.length(tmp_path / "missing.mp4")
+    with pytest.raises(DataError, match="a source is"):
+        list(pose.stream(5.5, NAMES))
 
 
 def test_streamed_results_are_coco_results(pose, tmp_path):

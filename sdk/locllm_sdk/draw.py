@@ -9,7 +9,7 @@ import numpy as np
 
 from .crop import load_image
 from .descriptions import DescriptionLibrary
-from .errors import ImageError
+from .errors import ArgumentError, ImageError
 from .results import Results
 
 _PALETTE = [
@@ -38,6 +38,8 @@ def draw_results(
 
     ``kpt_thr``: keypoints scoring below it (and their limbs) are not drawn; ``labels``: each
     box carries "person i" and the person score."""
+    if kpt_thr is not None and (isinstance(kpt_thr, bool) or not isinstance(kpt_thr, (int, float))):
+        raise ArgumentError(f"kpt_thr must be a number (a keypoint score) or None, got {kpt_thr!r}")
     img = load_image(image).copy()
     library = library or DescriptionLibrary.load()
     limbs = []

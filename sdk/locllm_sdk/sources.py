@@ -76,6 +76,8 @@ def length(source: object) -> int | None:
     if k == "video":
         import cv2
 
+        if not Path(os.fspath(source)).is_file():
+            raise DataError(f"video file not found: {os.fspath(source)}")
         cap = cv2.VideoCapture(os.fspath(source))
         n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
         cap.release()
