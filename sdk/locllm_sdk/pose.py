@@ -7,8 +7,11 @@ caller passes into requests and what the pipeline answers into ``Results``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from . import crop as cropping
 from .detectors import detect
@@ -19,6 +22,8 @@ from .manifest import AUTO
 from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, locate_in_image
 from .protocol import unit_to_depth
 from .results import Keypoint, Person, Results
+from .sources import Frame
+from .tracking import PoseTracker, check_det_frequency
 
 
 class Pose:
@@ -150,21 +155,82 @@ class Pose:
 
     __call__ = locate
 
-    def stream(self, source, keypoints, progress: bool | None = None, **locate_kwargs):
+    def stream(
+        self,
+        source,
+        keypoints,
+        progress: bool | None = None,
+        track: bool | PoseTracker = False,
+        det_frequency: int = 1,
+        **locate_kwargs,
+    ) -> Iterator[tuple[Frame, Results]]:
         """``(Frame, Results)`` for every frame of ``source``: an image (path or array), a
         folder, a glob, a video file, a webcam index or a stream URL (``sources.frames``),
         each through ``locate(frame.image, keypoints, **locate_kwargs)`` (boxes, detector=,
-        flip, ...). ``progress``: a tqdm bar (default: for anything longer than one image)."""
+        flip, ...). ``progress``: a tqdm bar (default: for anything longer than one image).
+
+        ``track=True`` follows people from frame to frame (``tracking.PoseTracker``): the
+        ``detector=`` runs only every ``det_frequency`` frames (and when nobody is tracked), in
+        between each person's box comes from their keypoints in the previous frame, and every
+        ``Person`` carries a ``track_id`` (greedy IoU matching at detections). Give a configured
+        ``PoseTracker`` as ``track`` for its other settings (``det_frequency`` is then its own).
+        Box propagation reads the keypoints asked for, so they should span the body ("coco17")."""
         from . import sources
 
+        tracker = self._stream_tracker(track, det_frequency, locate_kwargs)
         total = sources.length(source)
         it = sources.frames(source)
         if progress if progress is not None else total != 1:
             from tqdm import tqdm
 
             it = tqdm(it, total=total, unit="frame", desc=f"locllm {sources.kind(source)}")
-        for frame in it:
-            yield frame, self.locate(frame.image, keypoints, **locate_kwargs)
+        if tracker is None:
+            return ((frame, self.locate(frame.image, keypoints, **locate_kwargs)) for frame in it)
+        return self._track(it, keypoints, tracker, locate_kwargs)
+
+    @staticmethod
+    def _stream_tracker(track: object, det_frequency: object, locate_kwargs: dict) -> PoseTracker | None:
+        """The tracker ``stream`` runs (None without tracking), its arguments checked."""
+        if isinstance(track, PoseTracker):
+            if det_frequency != 1:
+                raise ArgumentError("give det_frequency to the PoseTracker passed as track=, not to stream()")
+            tracker = track
+        elif isinstance(track, (bool, np.bool_)):
+            check_det_frequency(det_frequency)
+            if not track:
+                if det_frequency != 1:
+                    raise ArgumentError(
+                        f"det_frequency={det_frequency} needs track=True: without tracking every frame is detected"
+                    )
+                return None
+            tracker = PoseTracker(det_frequency=det_frequency)
+        else:
+            raise ArgumentError(f"track must be True, False or a PoseTracker, got {type(track).__name__}")
+        if locate_kwargs.get("detector") is None:
+            raise ArgumentError("track=True needs a detector= (the person boxes of the detection frames)")
+        for name in ("boxes", "box_format"):
+            if name in locate_kwargs:
+                raise ArgumentError(f"track=True takes its boxes from the detector and the tracks: {name}= is not used")
+        return tracker
+
+    def _track(self, frames, keypoints, tracker: PoseTracker, locate_kwargs: dict) -> Iterator[tuple[Frame, Results]]:
+        kwargs = dict(locate_kwargs)
+        detector = kwargs.pop("detector")
+        score_threshold, classes = kwargs.pop("score_threshold", 0.0), kwargs.pop("classes", None)
+        channels = kwargs.pop("channels", "rgb")
+        tracker.reset()
+        for frame in frames:
+            img = cropping.load_image(frame.image, channels=channels)
+            detections = None
+            if tracker.detection_due:
+                found = detect(detector, img, score_threshold, classes)  # [x, y, w, h] rows
+                detections = np.array([[x, y, x + w, y + h] for x, y, w, h in found], np.float64).reshape(-1, 4)
+            tracked = tracker.begin(detections, img.shape[:2])
+            res = self.locate(img, keypoints, boxes=tracked.boxes, box_format="xyxy", **kwargs)
+            tracker.observe(res.xy, res.conf)
+            res.persons = [replace(p, track_id=i) for p, i in zip(res.persons, tracked.ids, strict=True)]
+            res.info["detected"] = tracked.detected
+            yield frame, res
 
     def __repr__(self) -> str:
         return (

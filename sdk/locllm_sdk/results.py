@@ -32,6 +32,7 @@ class Keypoint:
 class Person:
     box: tuple[float, float, float, float]  # [x, y, w, h] as given
     keypoints: tuple[Keypoint, ...]
+    track_id: int | None = None  # the person's track across video frames (Pose.stream(track=True))
 
     @property
     def score(self) -> float:
@@ -62,7 +63,10 @@ class Person:
         return np.array([[k.x, k.y, k.score] for k in self.keypoints], dtype=np.float64)
 
     def to_dict(self) -> dict:
-        return {"box": list(self.box), "score": self.score, "keypoints": [k.to_dict() for k in self.keypoints]}
+        d = {"box": list(self.box), "score": self.score, "keypoints": [k.to_dict() for k in self.keypoints]}
+        if self.track_id is not None:
+            d["track_id"] = self.track_id
+        return d
 
 
 @dataclass
@@ -124,7 +128,8 @@ class Results:
 
     def to_coco(self, image_id: int, category_id: int = 1) -> list[dict]:
         """COCO keypoint results (one per person: ``keypoints`` [x, y, score]*K, the person
-        score, the box as given), as ``pycocotools`` ``loadRes`` and ``benchmarks/accuracy.py`` read them."""
+        score, the box as given, and ``track_id`` when tracked), as ``pycocotools`` ``loadRes`` and
+        ``benchmarks/accuracy.py`` read them."""
         return [
             {
                 "image_id": image_id,
@@ -133,6 +138,7 @@ class Results:
                 "score": p.score,
                 "keypoints": [round(float(v), 3) for k in p for v in (k.x, k.y, k.score)],
             }
+            | ({} if p.track_id is None else {"track_id": p.track_id})
             for p in self.persons
         ]
 
