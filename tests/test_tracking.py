@@ -10,6 +10,7 @@ from locllm_sdk import ArgumentError, Pose
 from locllm_sdk import sources as src
 from locllm_sdk.tracking import PoseTracker, box_from_keypoints, greedy_match, iou_matrix
 from make_synthpose_clip import clip_document, render_clip, write_clip
+from tracking import gt_boxes, id_switches  # benchmarks/tracking.py
 
 HW = (240, 320)
 
@@ -162,12 +163,6 @@ def clip():
     return render_clip(seed=3, frames=10, fps=10.0, size=160, persons=(2, 2))
 
 
-def gt_boxes_xyxy(doc: dict, frame: int) -> tuple[np.ndarray, list[int]]:
-    anns = [a for a in doc["annotations"] if a["image_id"] == frame + 1]
-    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], float).reshape(-1, 4)
-    return boxes, [a["person_id"] for a in anns]
-
-
 def test_clip_is_seeded_and_its_ground_truth_ids_follow_the_people(clip, tmp_path):
     again = render_clip(seed=3, frames=10, fps=10.0, size=160, persons=(2, 2))
     assert all(np.array_equal(a.image, b.image) for a, b in zip(clip.frames, again.frames, strict=True))
@@ -180,8 +175,8 @@ def test_clip_is_seeded_and_its_ground_truth_ids_follow_the_people(clip, tmp_pat
     assert {p["person_id"] for p in doc["video"]["persons"]} == {0, 1}
     # each person's box overlaps their own box of the frame before most (ids follow the people)
     for f in range(1, 10):
-        prev, prev_ids = gt_boxes_xyxy(doc, f - 1)
-        cur, cur_ids = gt_boxes_xyxy(doc, f)
+        prev, prev_ids = gt_boxes(doc, f - 1)
+        cur, cur_ids = gt_boxes(doc, f)
         iou = iou_matrix(cur, prev)
         for i, pid in enumerate(cur_ids):
             if pid in prev_ids:
@@ -210,7 +205,7 @@ class GroundTruthDetector:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         f = next(i for i, fr in enumerate(self.frames) if np.array_equal(fr, image))
         self.calls.append(f)
-        boxes, _ = gt_boxes_xyxy(self.doc, f)
+        boxes, _ = gt_boxes(self.doc, f)
         boxes = boxes + self.rng.normal(0, self.jitter, boxes.shape)
         return np.concatenate([boxes, np.full((len(boxes), 1), 0.9)], 1)
 
@@ -228,22 +223,6 @@ def run_stream(pose: Pose, clip, det_frequency: int, jitter: float = 0.0, keypoi
             cv2.imwrite(f"{d}/{i:03d}.png", s.image)
         got = list(pose.stream(d, keypoints, track=True, det_frequency=det_frequency, detector=det, progress=False))
     return doc, det, [r for _, r in got]
-
-
-def id_switches(doc: dict, results) -> tuple[int, int]:
-    """(switches, matched person-frames): a GT person matched (IoU > 0.5) to a track whose id
-    differs from the one it was matched to before."""
-    last: dict[int, int] = {}
-    switches = matched = 0
-    for f, res in enumerate(results):
-        gt, pids = gt_boxes_xyxy(doc, f)
-        pred = np.array([[x, y, x + w, y + h] for x, y, w, h in (p.box for p in res)], float).reshape(-1, 4)
-        for g, p in greedy_match(iou_matrix(gt, pred), 0.5):
-            matched += 1
-            tid = res[p].track_id
-            switches += pids[g] in last and last[pids[g]] != tid
-            last[pids[g]] = tid
-    return switches, matched
 
 
 @pytest.fixture(scope="module")
