@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from locllm_sdk.descriptions import default_library_path
+from locllm_sdk.loader import checkpoint_confidence, read_config
 from locllm_sdk.manifest import (
     DESCRIPTIONS_FILE,
     ORT_CPU,
@@ -347,5 +348,6 @@ def _write_engine(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         built_with=_versions(),
         verification={k: float(v) for k, v in report.checks.items()},
+        confidence=checkpoint_confidence(read_config(checkpoint)),
     )
     manifest.write(tmp)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .filecache import cache_dir
 from .loader import read_config
 from .manifest import GRAPH_REVISION, MANIFEST, read_manifest
 
@@ -24,20 +24,25 @@ _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are keyed by name, size and mtime
 
 
-def bundled_model(name: str = "demo") -> Path:
-    """A checkpoint shipped with the package (``locllm_sdk._models``, the repo's models/)."""
+def bundled_model_dir(name: str, marker: str) -> Path:
+    """A folder shipped with the package (``locllm_sdk._models``, the repo's models/) holding ``marker``."""
     try:
         from importlib.resources import files
 
         path = Path(str(files("locllm_sdk._models") / name))
-        if (path / "config.json").is_file():
+        if (path / marker).is_file():
             return path
     except (ModuleNotFoundError, TypeError):
         pass
     path = _REPO_MODELS / name
-    if not (path / "config.json").is_file():
+    if not (path / marker).is_file():
         raise FileNotFoundError(f"bundled model {name!r} not found (looked in locllm_sdk._models and {_REPO_MODELS})")
     return path
+
+
+def bundled_model(name: str = "demo") -> Path:
+    """A checkpoint shipped with the package."""
+    return bundled_model_dir(name, "config.json")
 
 
 def resolve_model(model: str | Path | None) -> Path:
@@ -46,12 +51,6 @@ def resolve_model(model: str | Path | None) -> Path:
     if model is None or (str(model) in ("demo", "demo3d") and not Path(model).is_dir()):
         return bundled_model(str(model or "demo"))
     return Path(model)
-
-
-def cache_dir() -> Path:
-    if os.environ.get("LOCLLM_CACHE"):
-        return Path(os.environ["LOCLLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "locllm"
 
 
 def checkpoint_digest(checkpoint: str | Path) -> str:

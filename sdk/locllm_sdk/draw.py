@@ -26,6 +26,10 @@ _PALETTE = [
 ]
 
 
+def _threshold_value(k) -> float:
+    return k.score if k.confidence is None else k.confidence
+
+
 def draw_results(
     image: object,
     results: Results,
@@ -36,8 +40,9 @@ def draw_results(
 ) -> np.ndarray:
     """Boxes, keypoints and COCO limbs where both ends were asked for (RGB image back).
 
-    ``kpt_thr``: keypoints scoring below it (and their limbs) are not drawn; ``labels``: each
-    box carries "person i" and the person score."""
+    ``kpt_thr``: keypoints below it (and their limbs) are not drawn, compared with the calibrated
+    ``confidence`` where the engine has one (thresholds from other tools mean something there),
+    else with the official score; ``labels``: each box carries "person i" and the person score."""
     if kpt_thr is not None and (isinstance(kpt_thr, bool) or not isinstance(kpt_thr, (int, float))):
         raise ArgumentError(f"kpt_thr must be a number (a keypoint score) or None, got {kpt_thr!r}")
     img = load_image(image).copy()
@@ -62,7 +67,7 @@ def draw_results(
             text = f"person {i} {person.score:.2f}"
             cv2.putText(img, text, (org[0] + 2, max(org[1] - 4, 10 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.35 * scale, color, max(1, scale // 2), cv2.LINE_AA)  # fmt: skip
-        shown = [k for k in person if kpt_thr is None or k.score >= kpt_thr]
+        shown = [k for k in person if kpt_thr is None or _threshold_value(k) >= kpt_thr]
         pts = {k.name: point(k.x, k.y) for k in shown}
         for a, b in limbs:
             if a in pts and b in pts:

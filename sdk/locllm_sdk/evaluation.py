@@ -200,6 +200,31 @@ def coco_ap(
     return {key: float(v) for key, v in zip(keys, ev.stats, strict=True)}
 
 
+def box_ap(gt: str | Path | dict, detections: str | Path | list, category_id: int = 1) -> dict[str, float]:
+    """COCO box AP/AR (pycocotools, iouType ``bbox``) of detections ``[{"image_id", "bbox"
+    [x, y, w, h], "score"}]`` against a COCO file's boxes of one category (crowds ignored as COCO
+    does). Returns AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_d = load_json(gt)
+    dets = [d | {"category_id": d.get("category_id", category_id)} for d in load_json(detections)]
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    if not dets:
+        return dict.fromkeys(keys, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt_d)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.params.imgIds = [im["id"] for im in gt_d["images"]]
+        ev.params.catIds = [category_id]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {key: float(v) for key, v in zip(keys, ev.stats, strict=True)}
+
+
 def match_predictions(
     gt: dict, preds: list[dict], sigmas: np.ndarray | None = None, field: str | None = None
 ) -> dict[str, Any]:

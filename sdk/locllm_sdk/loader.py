@@ -32,6 +32,7 @@ from .manifest import (
     TENSORRT,
     TORCH,
     TORCH_CUDA,
+    ConfidenceCalibration,
     EngineManifest,
     kv_bytes_per_token,
     llm_head_dim,
@@ -40,6 +41,19 @@ from .protocol import PROTOCOL_VERSION, TOKENIZER_READS, AnswerGrammar, PromptTo
 
 ENGINE, CHECKPOINT, OFFICIAL = "engine", "checkpoint", "official"
 OFFICIAL_MODEL_TYPE = "locllm"
+
+
+CONFIDENCE_FIELD = "confidence_calibration"  # in our checkpoint's config.json; the manifest's "confidence"
+
+
+def checkpoint_confidence(config: dict, source: str = "config.json") -> ConfidenceCalibration | None:
+    """The confidence calibration a checkpoint's config records (``CONFIDENCE_FIELD``), if any."""
+    if config.get(CONFIDENCE_FIELD) is None:
+        return None
+    try:
+        return ConfidenceCalibration.from_dict(config[CONFIDENCE_FIELD], source)
+    except EngineError as e:
+        raise CheckpointError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class ModelSpec:
     vision_hidden_size: int = 0
     num_layers: int = 0
     num_heads: int = 0  # the LM's attention heads
+    confidence: ConfidenceCalibration | None = None  # score -> calibrated confidence, when fitted
 
     @classmethod
     def from_manifest(cls, engine_dir: Path, manifest: EngineManifest) -> ModelSpec:
@@ -128,6 +143,7 @@ class ModelSpec:
             vision_hidden_size=m.vision_hidden_size,
             num_layers=m.num_layers,
             num_heads=m.num_heads,
+            confidence=manifest.confidence,
         )
 
     @classmethod
@@ -176,6 +192,7 @@ class ModelSpec:
             tokenizer=tokenizer,
             grammar=build_grammar(tokenizer, dims),
             prefix_ids=tuple(tokenizer.prefix_ids(num_patches)),
+            confidence=checkpoint_confidence(config, source),
             **spec,
         )
 
@@ -294,13 +311,22 @@ BACKEND_FACTORIES: dict[str, Callable] = {
 
 
 def load(
-    path: str | Path, backend: str = AUTO, threads: int | None = None, verify: bool = True, device: int = 0
+    path: str | Path,
+    backend: str = AUTO,
+    threads: int | None = None,
+    verify: bool | str = "cached",
+    device: int = 0,
 ) -> LoadedModel:
     """Load an engine directory or a checkpoint for ``backend`` (see ``BACKEND_NAMES``).
 
     ``auto`` tries the fastest backend this machine seems able to run and falls back (with a
     warning) to the next when it cannot start, down to ONNX Runtime on the CPU; an explicit
-    backend that cannot run raises ``BackendUnavailable``. ``device``: the GPU index."""
+    backend that cannot run raises ``BackendUnavailable``. ``device``: the GPU index.
+    ``verify``: the engine files' sha256, ``"cached"`` (default: hashed once per unchanged
+    file, see ``filecache``), ``"always"``/``True`` or ``"sizes"``/``False`` (sizes only)."""
+    from .filecache import verify_mode
+
+    verify_mode(verify)  # a bad value is refused before anything is read
     if backend not in BACKEND_NAMES:
         raise ArgumentError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if isinstance(device, bool) or not isinstance(device, int) or device < 0:

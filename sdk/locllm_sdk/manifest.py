@@ -438,6 +438,36 @@ class Precision:
 
 
 @dataclass(frozen=True)
+class ConfidenceCalibration:
+    """A keypoint confidence in [0, 1] from the official score: ``sigmoid(slope * score +
+    intercept)`` (Platt scaling), fitted so that it estimates the probability that the
+    keypoint is correct by ``target`` (e.g. within PCK@0.1 of the truth) on ``fitted_on``.
+    The official score stays as it is (the reference's definition); this sits beside it."""
+
+    slope: float
+    intercept: float
+    target: str = "PCK@0.1"
+    fitted_on: str = ""
+    method: str = "platt"
+
+    def __call__(self, score):
+        import numpy as np
+
+        return 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(score, np.float64) + self.intercept)))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "confidence") -> ConfidenceCalibration:
+        f = _Fields(source, "confidence", data)
+        method = f.str("method", "platt")
+        if method != "platt":
+            raise f._bad("method", f"must be 'platt', got {method!r}")
+        return cls(f.float("slope"), f.float("intercept"), f.str("target", "PCK@0.1"), f.str("fitted_on", ""))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class EngineManifest:
     model: ModelInfo
     tokenizer: TokenizerInfo
@@ -451,6 +481,7 @@ class EngineManifest:
     verification: dict = field(default_factory=dict)
     build_machine: dict | None = None
     format_version: int = ENGINE_FORMAT_VERSION
+    confidence: ConfidenceCalibration | None = None  # optional: engines without one report no confidence
 
     # -- reading ----------------------------------------------------------------------
     @classmethod
@@ -496,6 +527,7 @@ class EngineManifest:
             verification=f.dict("verification", {}),
             build_machine=f.dict("build_machine", None),
             format_version=version,
+            confidence=ConfidenceCalibration.from_dict(data["confidence"], source) if f.has("confidence") else None,
         )
 
     @classmethod
@@ -526,6 +558,8 @@ class EngineManifest:
         }
         if self.build_machine is not None:
             d["build_machine"] = self.build_machine
+        if self.confidence is not None:
+            d["confidence"] = self.confidence.to_dict()
         return d
 
     def write(self, engine_dir: str | Path) -> None:
@@ -561,9 +595,15 @@ class EngineManifest:
             )
         return self.shared_files() + own
 
-    def verify_files(self, engine_dir: str | Path, names: Sequence[str] | None = None, checksums: bool = True) -> None:
+    def verify_files(
+        self, engine_dir: str | Path, names: Sequence[str] | None = None, checksums: bool | str = True
+    ) -> None:
         """Every listed file (or those of ``names``) exists with its recorded size, and its
-        sha256 when ``checksums``."""
+        sha256 unless ``checksums`` is ``False``/``"sizes"`` (``"cached"``: hashed once per
+        unchanged file, ``filecache.verified_sha256``)."""
+        from .filecache import verified_sha256, verify_mode
+
+        mode = verify_mode(checksums)
         engine_dir = Path(engine_dir)
         for name in self.files if names is None else names:
             meta = self.files.get(name)
@@ -577,7 +617,7 @@ class EngineManifest:
                 raise EngineError(
                     f"{path}: size {size} differs from the manifest's {meta.bytes} (truncated or replaced)"
                 )
-            if checksums and sha256_file(path) != meta.sha256:
+            if mode != "sizes" and verified_sha256(path, mode) != meta.sha256:
                 raise EngineError(f"{path}: sha256 differs from the manifest (corrupt or modified file)")
 
     def path(self, engine_dir: str | Path, name: str) -> Path:

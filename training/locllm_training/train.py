@@ -312,7 +312,7 @@ def run(cfg: TrainConfig) -> Path:
         backend = args.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo")
         parallel = f"data parallel: {args.world_size} processes ({backend})" if args.world_size > 1 else "1 process"
         print(f"{parallel}, {per_step} samples per optimizer step")
-    resume = _last_checkpoint(out / "trainer")
+    resume = last_checkpoint(out / "trainer")
     if resume:
         print(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
@@ -339,7 +339,7 @@ def _banned_pairs(exclude: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs[n] for n in exclude if n in pairs)
 
 
-def _last_checkpoint(folder: Path) -> str | None:
+def last_checkpoint(folder: Path) -> str | None:
     if not folder.is_dir():
         return None
     cks = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
