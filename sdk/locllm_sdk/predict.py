@@ -32,6 +32,40 @@ def keypoint_names(doc: dict, pose: Pose, keypoints: str | Sequence[str] = "auto
     return list(keypoints)
 
 
+def people_by_image(doc: dict, limit: int | None = None) -> list[tuple[dict, list[dict]]]:
+    """(image record, its annotated people) for every image with a non-crowd person that has
+    keypoints, in the file's order (the first ``limit``)."""
+    anns: dict = {}
+    for a in doc["annotations"]:
+        if not a.get("iscrowd") and a.get("num_keypoints", 1) > 0:
+            anns.setdefault(a["image_id"], []).append(a)
+    return [(im, anns[im["id"]]) for im in doc["images"] if im["id"] in anns][:limit]
+
+
+def image_predictions(
+    pose: Pose,
+    image: object,
+    image_id: int,
+    keypoints: str | Sequence[str],
+    people: Sequence[dict] | None = None,
+    flip: bool = False,
+    detector=None,
+) -> list[dict]:
+    """COCO keypoint results (``Results.to_coco``) of one image: the boxes of ``people`` (COCO
+    annotations: each result also carries their ``ann_id`` and ``category_id``) or, without
+    them, those of ``detector``; 3D models add ``z_norm`` (the protocol's depth unit)."""
+    boxes = [a["bbox"] for a in people] if people is not None else None
+    res = pose.locate(image, keypoints, boxes, flip=flip, detector=detector)
+    preds = res.to_coco(image_id)
+    for i, (p, person) in enumerate(zip(preds, res)):
+        if people is not None:
+            p["category_id"] = people[i].get("category_id", 1)
+            p["ann_id"] = people[i]["id"]
+        if pose.spec.coord_dims == 3:
+            p["z_norm"] = [round(depth_to_unit(k.z), 6) for k in person]
+    return preds
+
+
 def predict_coco(
     pose: Pose,
     gt_json: str | Path,
@@ -46,31 +80,11 @@ def predict_coco(
     doc = read_coco(gt_json)
     image_dir = Path(image_dir) if image_dir else guess_image_dir(gt_json, doc)
     names = keypoint_names(doc, pose, keypoints)
-    anns: dict = {}
-    for a in doc["annotations"]:
-        if not a.get("iscrowd") and a.get("num_keypoints", 1) > 0:
-            anns.setdefault(a["image_id"], []).append(a)
-    images = [im for im in doc["images"] if im["id"] in anns][:limit]
+    images = people_by_image(doc, limit)
     preds = []
-    for i, im in enumerate(images):
-        people = anns[im["id"]]
-        res = pose.locate(
-            load_image(image_dir / im["file_name"], exif_orientation=False),
-            names,
-            [a["bbox"] for a in people],
-            flip=flip,
-        )
-        for person, a in zip(res, people):
-            p = {
-                "image_id": im["id"],
-                "category_id": a.get("category_id", 1),
-                "ann_id": a["id"],
-                "score": person.score,
-                "keypoints": [round(v, 3) for k in person for v in (k.x, k.y, k.score)],
-            }
-            if pose.spec.coord_dims == 3:
-                p["z_norm"] = [round(depth_to_unit(k.z), 6) for k in person]
-            preds.append(p)
+    for i, (im, people) in enumerate(images):
+        image = load_image(image_dir / im["file_name"], exif_orientation=False)
+        preds += image_predictions(pose, image, im["id"], names, people, flip)
         if progress and (i + 1) % 25 == 0:
             print(f"  {i + 1}/{len(images)} images", file=sys.stderr)
     return preds
