@@ -45,7 +45,7 @@ def load_image(
     max_pixels: int | None = MAX_IMAGE_PIXELS,
     exif_orientation: bool = True,
 ) -> np.ndarray:
-    """Path, PIL image or uint8 array -> contiguous HxWx3 uint8 RGB array.
+    """Path, file bytes, PIL image or uint8 array -> contiguous HxWx3 uint8 RGB array.
 
     Files (str or os.PathLike): JPEG, PNG, WebP or BMP, decoded by OpenCV exactly as
     ``cv2.imread`` decodes them (colour, 8 bits: alpha dropped, grey replicated, 16-bit
@@ -92,8 +92,12 @@ def load_image(
         return _load_file(Path(image), max_pixels, exif_orientation)
     if type(image).__module__.startswith("PIL."):
         return _load_pil(image, max_pixels, exif_orientation)
+    if isinstance(image, (bytes, bytearray, memoryview)):  # a file's content (an upload), checked as a file
+        return decode_file_bytes(bytes(image), "the image bytes", max_pixels, exif_orientation)
     if not is_array:
-        raise ImageError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+        raise ImageError(
+            f"image must be a path, a file's bytes, a PIL image or a numpy array, got {type(image).__name__}"
+        )
     return _load_array(image, channels, max_pixels)
 
 
@@ -149,6 +153,11 @@ def _load_file(path: Path, max_pixels: int | None, exif_orientation: bool) -> np
         data = path.read_bytes()  # one read: the checks and the decoder see the same bytes
     except OSError as e:
         raise ImageError(f"{path}: cannot read the file: {e.strerror or e}") from e
+    return decode_file_bytes(data, str(path), max_pixels, exif_orientation)
+
+
+def decode_file_bytes(data: bytes, path: str, max_pixels: int | None, exif_orientation: bool) -> np.ndarray:
+    """An image file's bytes -> RGB uint8, after the structural checks (``path`` names it in errors)."""
     if not data:
         raise ImageError(f"{path}: the file is empty")
     fmt = _sniff(data)
