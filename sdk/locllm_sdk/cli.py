@@ -3,6 +3,8 @@
 locllm demo [--seed N] [--out demo.png]           the bundled demo model on a rendered scene
 locllm locate IMAGE [-m MODEL] -k neck -k pelvis [--box x,y,w,h] [--flip] [--json] [--draw out.png]
 locllm predict GT.json [-m MODEL] --out preds.json [--flip]  COCO results for benchmarks/accuracy.py
+locllm annotate SOURCE --out RESULTS [-m MODEL] [--workers N]  a dataset on Ray Data (resumable)
+locllm serve [ENGINE] [--port P] [--replicas N] [--no-batching]     an HTTP JSON API on Ray Serve
 locllm info ENGINE_DIR
 
 MODEL is an engine directory, or a checkpoint (its engine is built once and cached; with
@@ -48,16 +50,23 @@ def _print_table(res) -> None:
 def _pose(args):
     """The model of -m (engine dir, or checkpoint: its cached engine unless --backend torch);
     default: the bundled demo model."""
+    from .pose import Pose
+
+    return Pose(_model_path(args), backend=args.backend, decoding=args.decoding, threads=args.threads)
+
+
+def _model_path(args) -> Path:
+    """-m as a path Pose opens: an engine dir, a checkpoint's cached engine (the checkpoint
+    itself with --backend torch), the bundled demo model by default."""
     from .demo import engine_for, resolve_model
     from .loader import ENGINE, model_kind
-    from .pose import Pose
 
     path = resolve_model(args.model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
     if model_kind(path) != ENGINE and args.backend != "torch":
         path = engine_for(path)
-    return Pose(path, backend=args.backend, decoding=args.decoding, threads=args.threads)
+    return path
 
 
 def cmd_locate(args) -> int:
@@ -116,6 +125,56 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    from .annotate import annotate
+
+    summary = annotate(
+        args.source,
+        _model_path(args),
+        args.out,
+        workers=args.workers,
+        threads=args.threads,
+        keypoints=args.keypoints,
+        image_dir=args.images,
+        limit=args.limit,
+        flip=args.flip,
+        backend=args.backend,
+        decoding=args.decoding,
+        batch_size=args.batch_size,
+        address=args.address,
+    )
+    print(summary)
+    return 0 if summary.failed == 0 else 1
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from . import serve
+
+    app = serve.service(
+        str(_model_path(args)),
+        backend=args.backend,
+        decoding=args.decoding,
+        threads=args.threads,
+        replicas=args.replicas,
+        batching=not args.no_batching,
+        max_batch_size=args.max_batch_size,
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+    )
+    url = serve.start(app, host=args.host, port=args.port, address=args.address)
+    print(f"serving on {url} (POST /v1/locate, /v1/locate/upload; GET /healthz, /docs); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.stop()  # replicas finish the requests they hold, then Ray stops
+    print("stopped", file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line too (argparse prints the usage block first); --help shows it."""
 
@@ -163,6 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe an engine directory")
     info.add_argument("engine")
     info.set_defaults(func=cmd_info)
+    ann = sub.add_parser("annotate", help="COCO keypoint results for a dataset, on Ray Data (resumable)")
+    ann.add_argument("source", help="a COCO keypoints JSON (its boxes), or an image folder / glob (detector boxes)")
+    ann.add_argument("--out", type=Path, required=True, help="COCO results JSON (errors beside it: *.errors.json)")
+    ann.add_argument("--model", "-m", help=model_help)
+    ann.add_argument("--workers", type=int, default=1, help="Pose actors (one engine load each)")
+    ann.add_argument("--threads", type=int, default=None, help="threads per actor (default: cores // workers)")
+    ann.add_argument("--batch-size", type=int, default=4, help="images per actor call (and per shard)")
+    ann.add_argument("--keypoints", default="auto", help="auto, a skeleton, or a,b,c")
+    ann.add_argument("--images", type=Path, help="image folder of a COCO file (default: guessed)")
+    ann.add_argument("--limit", type=int, help="first N images only")
+    ann.add_argument("--address", help="a Ray cluster (default: an embedded local Ray)")
+    ann.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
+    ann.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
+    ann.add_argument("--flip", action="store_true", help=FLIP_HELP)
+    ann.set_defaults(func=cmd_annotate)
+    srv = sub.add_parser("serve", help="an HTTP JSON API on Ray Serve")
+    srv.add_argument("model", nargs="?", help="the engine to serve: " + model_help)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per replica")
+    srv.add_argument("--no-batching", action="store_true", help="one request per pass (no serve.batch)")
+    srv.add_argument("--max-batch-size", type=int, default=8, help="requests gathered into one pass")
+    srv.add_argument("--max-ongoing-requests", type=int, default=32, help="per replica")
+    srv.add_argument("--max-queued-requests", type=int, default=64, help="beyond: 503 with Retry-After")
+    srv.add_argument("--address", help="a Ray cluster (default: an embedded local Ray)")
+    srv.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
+    srv.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
+    srv.set_defaults(func=cmd_serve)
     return ap
 
 
