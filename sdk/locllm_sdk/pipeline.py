@@ -4,6 +4,7 @@ One definition, called by ``Pose``, training's validation, the benchmarks and th
 
 * ``locate_in_image``: an image, person boxes and keypoint requests -> coordinates in image
   pixels, scores and answer texts (``ImageAnswers``); crops are made chunk by chunk;
+  ``locate_in_images`` the same for several images in one batch;
 * ``locate_crops``: normalised crops and requests -> normalised answers (``CropAnswers``);
 * ``flip_merge``: flip test-time augmentation's average of plain and mirrored answers.
 
@@ -289,7 +290,12 @@ def locate_crops_flipped(
 
 def crop_batch(image: np.ndarray, geometries: Sequence[cropping.CropGeometry], spec: ModelSpec) -> np.ndarray:
     """Normalised crops [N,3,S,S] of ``image`` (RGB uint8) with the model's statistics."""
-    crops = np.stack([cropping.warp(image, g) for g in geometries])
+    return crops_of([(image, g) for g in geometries], spec)
+
+
+def crops_of(pairs: Sequence[tuple[np.ndarray, cropping.CropGeometry]], spec: ModelSpec) -> np.ndarray:
+    """Normalised crops [N,3,S,S], one per (RGB uint8 image, geometry)."""
+    crops = np.stack([cropping.warp(image, g) for image, g in pairs])
     return cropping.normalize(crops, spec.norm_mean, spec.norm_std)
 
 
@@ -307,14 +313,39 @@ def locate_in_image(
 
     ``mirrored``: flip test-time augmentation, with the mirrored request of each request
     (``DescriptionLibrary.mirror``); the answers are averaged by ``flip_merge``."""
-    h, w = image.shape[:2]
-    geoms = [cropping.crop_geometry(b, (h, w), spec.image_size) for b in boxes]
+    return locate_in_images(backend, spec, [(image, boxes)], requests, decoding, memory_budget_mb, mirrored)[0]
+
+
+def locate_in_images(
+    backend: Backend | RequestBackend,
+    spec: ModelSpec,
+    items: Sequence[tuple[np.ndarray, Sequence[Sequence[float]]]],
+    requests: Sequence[KeypointRequest],
+    decoding: str = "constrained",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    mirrored: Sequence[KeypointRequest] | None = None,
+) -> list[ImageAnswers]:
+    """``locate_in_image`` for several (image, boxes) at once: the crops of all images go
+    through the pipeline as one batch (one vision pass, one decoding per chunk), so a server
+    batches several requests' persons x keypoints together. The same answers as one call per
+    image (every crop and row is computed on its own); ``stats`` are the whole run's."""
+    geoms = [
+        (i, cropping.crop_geometry(b, image.shape[:2], spec.image_size))
+        for i, (image, boxes) in enumerate(items)
+        for b in boxes
+    ]
     n, k, size = len(geoms), len(requests), spec.image_size
+
+    def pixels(sel: Sequence[tuple[int, cropping.CropGeometry]]) -> np.ndarray:
+        return crops_of([(items[i][0], g) for i, g in sel], spec)
+
+    if n == 0:  # nobody in any image
+        empty = np.zeros((0, k, spec.coord_dims)), np.zeros((0, k))
+        return [ImageAnswers(*empty, [], [], DecodeStats(0, 0, 0, 0)) for _ in items]
     if mirrored is None:
         run = _run_chunks(
-            backend, spec, n, lambda idx: crop_batch(image, [geoms[i] for i in idx], spec), requests, decoding,
-            memory_budget_mb,
-        )  # fmt: skip
+            backend, spec, n, lambda idx: pixels([geoms[i] for i in idx]), requests, decoding, memory_budget_mb
+        )
         values, scores = run.values, np.array([a.score for a in run.answers])
         texts, flip_texts, stats = [a.text for a in run.answers], [""] * len(run.answers), run.stats
     else:
@@ -323,7 +354,7 @@ def locate_in_image(
         step = max(1, crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), memory_budget_mb) // 2)
         parts, stats = [], None
         for start in range(0, n, step):
-            px = crop_batch(image, geoms[start : start + step], spec)
+            px = pixels(geoms[start : start + step])
             plain, other = locate_crops_flipped(backend, spec, px, requests, mirrored, decoding, memory_budget_mb)
             parts.append(flip_merge(plain, other, size))
             stats = _merge_stats(stats, plain.stats)
@@ -332,12 +363,20 @@ def locate_in_image(
         texts = [t for p in parts for t in p[2]]
         flip_texts = [t for p in parts for t in p[3]]
     values = values.reshape(n, k, spec.coord_dims).copy()
-    for i, g in enumerate(geoms):
-        values[i, :, :2] = cropping.to_image_coords(values[i, :, :2] * size, g.inverse)
-    return ImageAnswers(
-        values=values,
-        scores=scores.reshape(n, k),
-        texts=[texts[i * k : (i + 1) * k] for i in range(n)],
-        flip_texts=[flip_texts[i * k : (i + 1) * k] for i in range(n)],
-        stats=stats,
-    )
+    scores = scores.reshape(n, k)
+    for c, (_, g) in enumerate(geoms):
+        values[c, :, :2] = cropping.to_image_coords(values[c, :, :2] * size, g.inverse)
+    out, first = [], 0
+    for _, boxes in items:
+        crops = range(first, first + len(boxes))
+        out.append(
+            ImageAnswers(
+                values=values[first : first + len(boxes)],
+                scores=scores[first : first + len(boxes)],
+                texts=[texts[c * k : (c + 1) * k] for c in crops],
+                flip_texts=[flip_texts[c * k : (c + 1) * k] for c in crops],
+                stats=stats,
+            )
+        )
+        first += len(boxes)
+    return out

@@ -19,7 +19,7 @@ from .errors import ArgumentError
 from .inputs import validate_boxes
 from .loader import LoadedModel, load
 from .manifest import AUTO
-from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, locate_in_image
+from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, locate_in_images
 from .protocol import unit_to_depth
 from .results import Keypoint, Person, Results
 from .sources import Frame
@@ -113,47 +113,75 @@ class Pose:
         class))]`` giving the person boxes instead of ``boxes`` (``detectors.boxes_from_detections``:
         rows scoring under ``score_threshold`` or, with ``classes``, of another class are dropped).
         No box (``boxes=[]`` or nothing detected) gives an empty result."""
-        img = cropping.load_image(image, channels=channels)
         requests = self.library.resolve(keypoints)
+        img, boxes = self._image_and_boxes(image, boxes, box_format, channels, detector, score_threshold, classes)
+        return self._run([(img, boxes)], requests, flip, self.decoding)[0]
+
+    __call__ = locate
+
+    def locate_batch(
+        self,
+        items: Sequence[tuple[object, Sequence[Sequence[float]] | None]],
+        keypoints: str | Iterable[str] | Mapping[str, str | None],
+        flip: bool = False,
+        box_format: str = "xywh",
+        channels: str = "rgb",
+        decoding: str | None = None,
+    ) -> list[Results]:
+        """``locate`` for several ``(image, boxes)`` with the same keypoints, as one batch: the
+        crops of all images go through the pipeline together (``pipeline.locate_in_images``;
+        the same answers as one ``locate`` per image). ``decoding``: default the Pose's."""
+        requests = self.library.resolve(keypoints)
+        checked = [self._image_and_boxes(im, b, box_format, channels, None, 0.0, None) for im, b in items]
+        return self._run(checked, requests, flip, self.decoding if decoding is None else decoding)
+
+    def _image_and_boxes(self, image, boxes, box_format, channels, detector, score_threshold, classes):
+        img = cropping.load_image(image, channels=channels)
         h, w = img.shape[:2]
         if detector is not None:
             if boxes is not None:
                 raise ArgumentError("give boxes or a detector, not both")
             boxes = detect(detector, img, score_threshold, classes)
             box_format = "xywh"
-        boxes = validate_boxes(boxes, (h, w), box_format)
-        if not boxes:
-            info = {"backend": self.backend_name, "decoding": self.decoding, "decoder_passes": 0, "flip": flip}
-            return Results([], [r.name for r in requests], (h, w), info, orig_img=img)
-        mirrored = [self.library.mirror(r) for r in requests] if flip else None
-        out = locate_in_image(
-            self.backend, self.spec, img, boxes, requests, self.decoding, self.memory_budget_mb, mirrored
-        )
-        three_d = self.spec.coord_dims == 3
-        persons = []
-        for i, box in enumerate(boxes):
-            kps = tuple(
-                Keypoint(
-                    req.name,
-                    float(out.values[i, j, 0]),
-                    float(out.values[i, j, 1]),
-                    float(out.scores[i, j]),
-                    unit_to_depth(float(out.values[i, j, 2])) if three_d else None,
-                    out.texts[i][j],
-                    out.flip_texts[i][j],
-                )
-                for j, req in enumerate(requests)
-            )
-            persons.append(Person(tuple(box), kps))
-        info = {
-            "backend": self.backend_name,
-            "decoding": self.decoding,
-            "decoder_passes": out.stats.decoder_passes,
-            "flip": flip,
-        }
-        return Results(persons, [r.name for r in requests], (h, w), info, orig_img=img)
+        return img, validate_boxes(boxes, (h, w), box_format)
 
-    __call__ = locate
+    def _run(self, items, requests, flip: bool, decoding: str) -> list[Results]:
+        """Checked (image, boxes) -> one Results each; images without a box get an empty one."""
+        if decoding not in DECODING:
+            raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
+        names = [r.name for r in requests]
+        busy = [i for i, (_, boxes) in enumerate(items) if boxes]
+        out = {}
+        if busy:
+            mirrored = [self.library.mirror(r) for r in requests] if flip else None
+            answers = locate_in_images(
+                self.backend, self.spec, [items[i] for i in busy], requests, decoding, self.memory_budget_mb, mirrored
+            )
+            out = dict(zip(busy, answers))
+        three_d = self.spec.coord_dims == 3
+        results = []
+        for i, (img, boxes) in enumerate(items):
+            info = {"backend": self.backend_name, "decoding": decoding, "decoder_passes": 0, "flip": flip}
+            persons = []
+            if i in out:
+                a = out[i]
+                info["decoder_passes"] = a.stats.decoder_passes
+                for b, box in enumerate(boxes):
+                    kps = tuple(
+                        Keypoint(
+                            req.name,
+                            float(a.values[b, j, 0]),
+                            float(a.values[b, j, 1]),
+                            float(a.scores[b, j]),
+                            unit_to_depth(float(a.values[b, j, 2])) if three_d else None,
+                            a.texts[b][j],
+                            a.flip_texts[b][j],
+                        )
+                        for j, req in enumerate(requests)
+                    )
+                    persons.append(Person(tuple(box), kps))
+            results.append(Results(persons, names, img.shape[:2], info, orig_img=img))
+        return results
 
     def stream(
         self,
