@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--view", type=int, default=192, help="training view size in px (multiple of 32)")
     args = ap.parse_args(argv)
     if args.evaluate:
         print(json.dumps(evaluate_boxes(args.evaluate, args.val_coco), indent=1))
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lr,
         seed=args.seed,
         workers=args.workers,
+        view=args.view,
     )
     out = train(cfg)
     print(json.dumps(json.loads((out / "detector.json").read_text()), indent=1))

@@ -214,15 +214,17 @@ def build_onnx_engine(
     overwrite: bool = False,
     layerscale: str = "checkpoint",
     dino_weights: str | Path | None = None,
+    progress: bool = False,
 ) -> BuildReport:
     """Build an engine from our checkpoint format or from a public LocLLM directory (converted
     first into a temporary checkpoint, prompt ids verified against its slow tokenizer;
-    ``layerscale``/``dino_weights`` apply to that conversion only)."""
+    ``layerscale``/``dino_weights`` apply to that conversion only). ``progress``: a tqdm bar
+    over the build's stages (on stderr)."""
     from locllm_training.official import SOURCE_FORMAT, convert_official, is_official_checkpoint
 
     checkpoint, output = Path(checkpoint).resolve(), Path(output)
     if not is_official_checkpoint(checkpoint):
-        return _build_onnx_engine(checkpoint, output, overwrite)
+        return _build_onnx_engine(checkpoint, output, overwrite, progress=progress)
     if output.exists() and not overwrite and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
     import tempfile
@@ -232,7 +234,13 @@ def build_onnx_engine(
             checkpoint, Path(tmp) / "checkpoint", layerscale=layerscale, dino_weights=dino_weights
         )
         return _build_onnx_engine(
-            converted.output, output, overwrite, source=checkpoint, source_format=SOURCE_FORMAT, notes=converted.notes
+            converted.output,
+            output,
+            overwrite,
+            source=checkpoint,
+            source_format=SOURCE_FORMAT,
+            notes=converted.notes,
+            progress=progress,
         )
 
 
@@ -243,6 +251,7 @@ def _build_onnx_engine(
     source: Path | None = None,
     source_format: str = "locllm-sdk-checkpoint",
     notes: list[str] | None = None,
+    progress: bool = False,
 ) -> BuildReport:
     start = time.perf_counter()
     if output.exists() and not overwrite and any(output.iterdir()):
@@ -252,8 +261,11 @@ def _build_onnx_engine(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     report = BuildReport(output)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(BUILD_STAGES), desc="building the engine", unit="stage", disable=not progress)
     try:
-        _write_engine(checkpoint, tmp, report, source, source_format, notes)
+        _write_engine(checkpoint, tmp, report, source, source_format, notes, bar)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted or failed build leaves nothing
         raise
@@ -264,14 +276,29 @@ def _build_onnx_engine(
         output.rename(old)
     tmp.rename(output)
     shutil.rmtree(old, ignore_errors=True)
+    bar.close()
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _write_engine(
-    checkpoint: Path, tmp: Path, report: BuildReport, source: Path | None, source_format: str, notes: list[str] | None
-) -> None:
+BUILD_STAGES = ("LoRA merge", "vision graph", "decoder graph", "cascade decoder graph", "verification")
 
+
+def _write_engine(
+    checkpoint: Path,
+    tmp: Path,
+    report: BuildReport,
+    source: Path | None,
+    source_format: str,
+    notes: list[str] | None,
+    bar,
+) -> None:
+    def stage(i: int) -> None:  # the bar shows the stage now running
+        if i:
+            bar.update()
+        bar.set_postfix_str(BUILD_STAGES[i])
+
+    stage(0)
     torch.manual_seed(0)
     unmerged = load_checkpoint(checkpoint, with_lora=True)
     merged = merge_lora(unmerged)
@@ -281,8 +308,11 @@ def _write_engine(
     tokenizer = PromptTokenizer.from_dir(checkpoint)
     cfg = merged.config
     grammar = build_grammar(tokenizer, cfg.coord_dims)
+    stage(1)
     export_vision(merged, tmp / "vision.onnx")
+    stage(2)
     export_decoder(merged, tmp / "decoder.onnx")
+    stage(3)
     export_shared_step(merged, tmp / "decoder_shared.onnx")
     np.save(tmp / "embeddings.npy", merged.llm.get_input_embeddings().weight.detach().float().numpy())
     (tmp / TOKENIZER_DIR).mkdir()
@@ -338,7 +368,9 @@ def _write_engine(
         embeddings="embeddings.npy",
         opset=OPSET,
     )
+    stage(4)
     report.checks.update(verify_onnx(tmp, merged, onnx_files))
+    bar.update()
     manifest = EngineManifest(
         model=model,
         tokenizer=tokenizer_info,

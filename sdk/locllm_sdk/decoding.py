@@ -101,9 +101,7 @@ class _Rows:
                 self.prefix = backend.select_rows(prefix_cache, crop_of_row)
             else:
                 crops, _ = layout
-                whole = len(crops) == backend.cache_batch(prefix_cache) and np.array_equal(
-                    crops, np.arange(len(crops))
-                )
+                whole = len(crops) == backend.cache_batch(prefix_cache) and np.array_equal(crops, np.arange(len(crops)))
                 self.prefix = prefix_cache if whole else backend.select_rows(prefix_cache, crops)
             self.cache = backend.empty_cache(rows)
             self.mask = np.zeros((rows, 0), np.int64)

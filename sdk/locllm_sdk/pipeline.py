@@ -16,6 +16,8 @@ what is left. Chunking changes no answer: every crop and every row is computed o
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,29 @@ class ImageAnswers:
     texts: list[list[str]]
     flip_texts: list[list[str]]  # "" without flip
     stats: DecodeStats
+
+
+class StageTimes:
+    """Wall time per pipeline stage, in ms, added up over one call's chunks (``Results.info``
+    reports them): ``crop`` (warp + normalise), ``vision`` (the ViT), ``prefix`` (the image
+    prefix's prefill, common head included) and ``decode`` (the answer passes)."""
+
+    STAGES = ("crop", "vision", "prefix", "decode")
+
+    def __init__(self):
+        self.ms = dict.fromkeys(self.STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] += 1000.0 * (time.perf_counter() - start)
+
+
+def _stage(times: StageTimes | None, name: str):
+    return times.stage(name) if times is not None else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------
@@ -145,42 +170,49 @@ def _decode_chunk(
     suffix: list[list[int]],
     decoding: str,
     budget_mb: float,
+    times: StageTimes | None = None,
 ) -> tuple[list[ParsedAnswer], DecodeStats]:
     """One chunk of crops: vision once per crop, then every (crop, request) row."""
-    image_tokens = backend.encode_images(pixels)
+    with _stage(times, "vision"):
+        image_tokens = backend.encode_images(pixels)
     n_crops, k = pixels.shape[0], len(suffix)
     crop_of_row = np.repeat(np.arange(n_crops), k)
     if isinstance(backend, RequestBackend):  # whole-request engines (tensorrt) schedule themselves
-        return backend.locate_rows(image_tokens, crop_of_row, suffix * n_crops, decoding)
+        with _stage(times, "decode"):
+            return backend.locate_rows(image_tokens, crop_of_row, suffix * n_crops, decoding)
     # The rounds' common first tokens join the prefix: computed once per crop, not per row.
     head, tails = split_common_head(suffix)
     prefix_ids = list(spec.prefix_ids) + head
-    prefix_cache = prefill_prefix(backend, prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
+    with _stage(times, "prefix"):
+        prefix_cache = prefill_prefix(backend, prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
     del image_tokens
     rows_tails = tails * n_crops
     answers: list[ParsedAnswer] = []
     stats = None
     for rows in row_chunks(spec, backend, n_crops, k, max(map(len, tails)), len(prefix_ids), decoding, budget_mb):
         sub = [rows_tails[i] for i in rows]
-        if decoding == "constrained":
-            part, st = constrained_decode(
-                backend, prefix_cache, len(prefix_ids), crop_of_row[rows], sub, spec.grammar, spec.tokenizer
-            )
-        else:
-            part, st = free_decode(
-                backend,
-                prefix_cache,
-                len(prefix_ids),
-                crop_of_row[rows],
-                sub,
-                crop_of_row[rows],
-                MAX_NEW_TOKENS[spec.coord_dims],
-                spec.coord_dims,
-                spec.tokenizer,
-            )
+        with _stage(times, "decode"):
+            part, st = _decode_rows(backend, spec, prefix_cache, prefix_ids, crop_of_row[rows], sub, decoding)
         answers += part
         stats = _merge_stats(stats, st)
     return answers, stats
+
+
+def _decode_rows(backend, spec: ModelSpec, prefix_cache, prefix_ids, crops, sub, decoding: str):
+    """Constrained or free decoding of one chunk of rows (``crops``: each row's crop)."""
+    if decoding == "constrained":
+        return constrained_decode(backend, prefix_cache, len(prefix_ids), crops, sub, spec.grammar, spec.tokenizer)
+    return free_decode(
+        backend,
+        prefix_cache,
+        len(prefix_ids),
+        crops,
+        sub,
+        crops,
+        MAX_NEW_TOKENS[spec.coord_dims],
+        spec.coord_dims,
+        spec.tokenizer,
+    )
 
 
 def _suffixes(spec: ModelSpec, requests: Sequence[KeypointRequest]) -> list[list[int]]:
@@ -209,6 +241,7 @@ def _run_chunks(
     requests,
     decoding,
     budget_mb,
+    times: StageTimes | None = None,
 ) -> CropAnswers:
     """Crops ``make_pixels(indices)`` chunk by chunk (the caller decides how a chunk is made)."""
     if decoding not in DECODING:
@@ -218,9 +251,9 @@ def _run_chunks(
     answers: list[ParsedAnswer] = []
     stats = None
     for start in range(0, n_crops, size):
-        part, st = _decode_chunk(
-            backend, spec, make_pixels(np.arange(start, min(start + size, n_crops))), suffix, decoding, budget_mb
-        )
+        with _stage(times, "crop"):
+            pixels = make_pixels(np.arange(start, min(start + size, n_crops)))
+        part, st = _decode_chunk(backend, spec, pixels, suffix, decoding, budget_mb, times)
         answers += part
         stats = _merge_stats(stats, st)
     values = np.array([a.values for a in answers], dtype=np.float64).reshape(len(answers), spec.coord_dims)
@@ -234,9 +267,12 @@ def locate_crops(
     requests: Sequence[KeypointRequest],
     decoding: str = "constrained",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    times: StageTimes | None = None,
 ) -> CropAnswers:
     """Normalised crops [N,3,S,S] and keypoint requests -> every (crop, request) answer."""
-    return _run_chunks(backend, spec, pixels.shape[0], lambda idx: pixels[idx], requests, decoding, memory_budget_mb)
+    return _run_chunks(
+        backend, spec, pixels.shape[0], lambda idx: pixels[idx], requests, decoding, memory_budget_mb, times
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -268,7 +304,7 @@ def _select_rows(result: CropAnswers, rows: Sequence[int]) -> CropAnswers:
 
 
 def locate_crops_flipped(
-    backend, spec: ModelSpec, pixels: np.ndarray, requests, mirrored, decoding, memory_budget_mb
+    backend, spec: ModelSpec, pixels: np.ndarray, requests, mirrored, decoding, memory_budget_mb, times=None
 ) -> tuple[CropAnswers, CropAnswers]:
     """(plain, mirrored) answers from one run over the plain and the mirrored crops, with the
     union of the requests and their mirrors (a left/right-symmetric set like coco17 is its
@@ -277,7 +313,7 @@ def locate_crops_flipped(
     union = list(dict.fromkeys(list(requests) + list(mirrored)))
     row_of = {r: j for j, r in enumerate(union)}
     both = np.concatenate([pixels, pixels[..., ::-1]])  # a copy: contiguous
-    run = locate_crops(backend, spec, both, union, decoding, memory_budget_mb)
+    run = locate_crops(backend, spec, both, union, decoding, memory_budget_mb, times)
     u = len(union)
     plain = _select_rows(run, [i * u + row_of[r] for i in range(n) for r in requests])
     other = _select_rows(run, [(n + i) * u + row_of[m] for i in range(n) for m in mirrored])
@@ -308,12 +344,13 @@ def locate_in_image(
     decoding: str = "constrained",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     mirrored: Sequence[KeypointRequest] | None = None,
+    times: StageTimes | None = None,
 ) -> ImageAnswers:
     """Boxes ``[x, y, w, h]`` of an RGB uint8 image -> keypoints in image pixels.
 
     ``mirrored``: flip test-time augmentation, with the mirrored request of each request
     (``DescriptionLibrary.mirror``); the answers are averaged by ``flip_merge``."""
-    return locate_in_images(backend, spec, [(image, boxes)], requests, decoding, memory_budget_mb, mirrored)[0]
+    return locate_in_images(backend, spec, [(image, boxes)], requests, decoding, memory_budget_mb, mirrored, times)[0]
 
 
 def locate_in_images(
@@ -324,6 +361,7 @@ def locate_in_images(
     decoding: str = "constrained",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     mirrored: Sequence[KeypointRequest] | None = None,
+    times: StageTimes | None = None,
 ) -> list[ImageAnswers]:
     """``locate_in_image`` for several (image, boxes) at once: the crops of all images go
     through the pipeline as one batch (one vision pass, one decoding per chunk), so a server
@@ -344,7 +382,7 @@ def locate_in_images(
         return [ImageAnswers(*empty, [], [], DecodeStats(0, 0, 0, 0)) for _ in items]
     if mirrored is None:
         run = _run_chunks(
-            backend, spec, n, lambda idx: pixels([geoms[i] for i in idx]), requests, decoding, memory_budget_mb
+            backend, spec, n, lambda idx: pixels([geoms[i] for i in idx]), requests, decoding, memory_budget_mb, times
         )
         values, scores = run.values, np.array([a.score for a in run.answers])
         texts, flip_texts, stats = [a.text for a in run.answers], [""] * len(run.answers), run.stats
@@ -354,8 +392,11 @@ def locate_in_images(
         step = max(1, crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), memory_budget_mb) // 2)
         parts, stats = [], None
         for start in range(0, n, step):
-            px = pixels(geoms[start : start + step])
-            plain, other = locate_crops_flipped(backend, spec, px, requests, mirrored, decoding, memory_budget_mb)
+            with _stage(times, "crop"):
+                px = pixels(geoms[start : start + step])
+            plain, other = locate_crops_flipped(
+                backend, spec, px, requests, mirrored, decoding, memory_budget_mb, times
+            )
             parts.append(flip_merge(plain, other, size))
             stats = _merge_stats(stats, plain.stats)
         values = np.concatenate([p[0] for p in parts])

@@ -7,23 +7,36 @@ caller passes into requests and what the pipeline answers into ``Results``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from . import crop as cropping
-from .detectors import detect
+from .detectors import detect, detect_scored
 from .errors import ArgumentError
 from .inputs import validate_boxes
 from .loader import LoadedModel, load
 from .manifest import AUTO
-from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, locate_in_images
+from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, StageTimes, locate_in_images
 from .protocol import unit_to_depth
 from .results import Keypoint, Person, Results
 from .sources import Frame
 from .tracking import PoseTracker, check_det_frequency
+
+PERSON = "person"  # detector="person": the bundled person detector
+
+
+class _Item(NamedTuple):
+    """One checked image of a call: its boxes ([x, y, w, h]) and, when detected, their scores."""
+
+    image: np.ndarray
+    boxes: list
+    box_scores: list | None
+    detect_ms: float | None
 
 
 class Pose:
@@ -40,7 +53,7 @@ class Pose:
         backend: str = AUTO,
         decoding: str = "constrained",
         threads: int | None = None,
-        verify: bool = True,
+        verify: bool | str = "cached",
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         device: int = 0,
     ):
@@ -48,7 +61,9 @@ class Pose:
         vision tower, the prefix prefill and the decoding in chunks that fit it (many persons
         x keypoints on a large model run in several chunks, with the same answers). ``device``: the
         GPU index of the GPU backends. ``backend="auto"`` falls back to the next backend (down to
-        ONNX Runtime on the CPU) when the fastest one cannot start; an explicit one raises."""
+        ONNX Runtime on the CPU) when the fastest one cannot start; an explicit one raises.
+        ``verify``: the engine files' sha256, ``"cached"`` (default: hashed once per unchanged
+        file), ``"always"`` (or ``True``) or ``"sizes"`` (or ``False``: sizes only)."""
         if decoding not in DECODING:
             raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
         if (
@@ -59,6 +74,7 @@ class Pose:
             raise ArgumentError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
         self.model: LoadedModel = load(model, backend, threads=threads, verify=verify, device=device)
         self.path, self.decoding, self.memory_budget_mb = Path(model), decoding, memory_budget_mb
+        self._person_detector = None  # detector="person", loaded on first use
 
     # what callers read
     @property
@@ -109,13 +125,16 @@ class Pose:
         (default) or ``"bgr"`` (OpenCV's). Bad input raises an error of the SDK's own type
         (``locllm_sdk.errors``) naming the input and the problem, before any model work.
 
-        ``detector``: a callable RGB image -> ``(N, 4|5|6)`` array ``[x1, y1, x2, y2(, score(,
-        class))]`` giving the person boxes instead of ``boxes`` (``detectors.boxes_from_detections``:
-        rows scoring under ``score_threshold`` or, with ``classes``, of another class are dropped).
-        No box (``boxes=[]`` or nothing detected) gives an empty result."""
+        ``detector``: ``"person"`` (the bundled SynthPose person detector) or a callable RGB image
+        -> ``(N, 4|5|6)`` array ``[x1, y1, x2, y2(, score(, class))]`` (or an ultralytics,
+        supervision or rtmlib output: ``detectors``) giving the person boxes instead of ``boxes``:
+        detections scoring under ``score_threshold`` or, with ``classes``, of another class are
+        dropped; each ``Person`` keeps its ``box_score``. No box (``boxes=[]`` or nothing
+        detected) gives an empty result. ``info["timings_ms"]`` holds the time of each stage
+        (detect, crop, vision, prefix, decode)."""
         requests = self.library.resolve(keypoints)
-        img, boxes = self._image_and_boxes(image, boxes, box_format, channels, detector, score_threshold, classes)
-        return self._run([(img, boxes)], requests, flip, self.decoding)[0]
+        item = self._image_and_boxes(image, boxes, box_format, channels, detector, score_threshold, classes)
+        return self._run([item], requests, flip, self.decoding)[0]
 
     __call__ = locate
 
@@ -135,37 +154,61 @@ class Pose:
         checked = [self._image_and_boxes(im, b, box_format, channels, None, 0.0, None) for im, b in items]
         return self._run(checked, requests, flip, self.decoding if decoding is None else decoding)
 
-    def _image_and_boxes(self, image, boxes, box_format, channels, detector, score_threshold, classes):
+    def person_detector(self, detector: object):
+        """``detector=``'s value as a callable: ``"person"`` is the bundled SynthPose person
+        detector (``person_detector.PersonDetector``, loaded once per Pose)."""
+        if isinstance(detector, str):
+            if detector != PERSON:
+                raise ArgumentError(f"detector must be a callable or {PERSON!r} (the bundled one), got {detector!r}")
+            if self._person_detector is None:
+                from .person_detector import PersonDetector
+
+                self._person_detector = PersonDetector()
+            return self._person_detector
+        return detector
+
+    def _image_and_boxes(self, image, boxes, box_format, channels, detector, score_threshold, classes) -> _Item:
         img = cropping.load_image(image, channels=channels)
         h, w = img.shape[:2]
+        box_scores, detect_ms = None, None
         if detector is not None:
             if boxes is not None:
                 raise ArgumentError("give boxes or a detector, not both")
-            boxes = detect(detector, img, score_threshold, classes)
+            detector = self.person_detector(detector)
+            start = time.perf_counter()
+            boxes, box_scores = detect_scored(detector, img, score_threshold, classes)
+            detect_ms = 1000.0 * (time.perf_counter() - start)
             box_format = "xywh"
-        return img, validate_boxes(boxes, (h, w), box_format)
+        return _Item(img, validate_boxes(boxes, (h, w), box_format), box_scores, detect_ms)
 
     def _run(self, items, requests, flip: bool, decoding: str) -> list[Results]:
         """Checked (image, boxes) -> one Results each; images without a box get an empty one."""
         if decoding not in DECODING:
             raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
         names = [r.name for r in requests]
-        busy = [i for i, (_, boxes) in enumerate(items) if boxes]
+        busy = [i for i, item in enumerate(items) if item.boxes]
         out = {}
+        times = StageTimes()
         if busy:
             mirrored = [self.library.mirror(r) for r in requests] if flip else None
+            pairs = [(items[i].image, items[i].boxes) for i in busy]
             answers = locate_in_images(
-                self.backend, self.spec, [items[i] for i in busy], requests, decoding, self.memory_budget_mb, mirrored
+                self.backend, self.spec, pairs, requests, decoding, self.memory_budget_mb, mirrored, times
             )
             out = dict(zip(busy, answers))
         three_d = self.spec.coord_dims == 3
         results = []
-        for i, (img, boxes) in enumerate(items):
+        for i, (img, boxes, box_scores, detect_ms) in enumerate(items):
             info = {"backend": self.backend_name, "decoding": decoding, "decoder_passes": 0, "flip": flip}
+            # per-stage wall time in ms (a batch's stages are shared by its images)
+            info["timings_ms"] = ({} if detect_ms is None else {"detect": round(detect_ms, 3)}) | {
+                k: round(v, 3) for k, v in times.ms.items()
+            }
             persons = []
             if i in out:
                 a = out[i]
                 info["decoder_passes"] = a.stats.decoder_passes
+                calibrated = self.spec.confidence(a.scores) if self.spec.confidence else None
                 for b, box in enumerate(boxes):
                     kps = tuple(
                         Keypoint(
@@ -176,10 +219,12 @@ class Pose:
                             unit_to_depth(float(a.values[b, j, 2])) if three_d else None,
                             a.texts[b][j],
                             a.flip_texts[b][j],
+                            None if calibrated is None else float(calibrated[b, j]),
                         )
                         for j, req in enumerate(requests)
                     )
-                    persons.append(Person(tuple(box), kps))
+                    score = None if box_scores is None else box_scores[b]
+                    persons.append(Person(tuple(box), kps, box_score=score))
             results.append(Results(persons, names, img.shape[:2], info, orig_img=img))
         return results
 
@@ -243,7 +288,7 @@ class Pose:
 
     def _track(self, frames, keypoints, tracker: PoseTracker, locate_kwargs: dict) -> Iterator[tuple[Frame, Results]]:
         kwargs = dict(locate_kwargs)
-        detector = kwargs.pop("detector")
+        detector = self.person_detector(kwargs.pop("detector"))
         score_threshold, classes = kwargs.pop("score_threshold", 0.0), kwargs.pop("classes", None)
         channels = kwargs.pop("channels", "rgb")
         tracker.reset()

@@ -85,6 +85,20 @@ def length(source: object) -> int | None:
     return None  # cameras and streams run until they stop
 
 
+def frame_rate(source: object) -> float | None:
+    """Frames per second of a video file, webcam or stream as OpenCV reads it (None for images,
+    or when the container does not say)."""
+    k = kind(source)
+    if k not in ("video", "camera", "stream"):
+        return None
+    import cv2
+
+    cap = cv2.VideoCapture(int(source) if k == "camera" else os.fspath(source))
+    fps = float(cap.get(cv2.CAP_PROP_FPS)) if cap.isOpened() else 0.0
+    cap.release()
+    return fps if fps > 0 else None
+
+
 def frames(source: object, exif_orientation: bool = True) -> Iterator[Frame]:
     k = kind(source)
     if k == "array":

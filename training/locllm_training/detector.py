@@ -214,6 +214,7 @@ class DetectorTrainConfig:
     seed: int = 0
     workers: int = 1
     eval_images: int = 150
+    view: int = TRAIN_VIEW
 
 
 def train(cfg: DetectorTrainConfig) -> Path:
@@ -227,7 +228,7 @@ def train(cfg: DetectorTrainConfig) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     net = PersonNet()
-    data = DetectionDataset(cfg.train_coco, train=True, seed=cfg.seed)
+    data = DetectionDataset(cfg.train_coco, train=True, seed=cfg.seed, view=cfg.view)
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         max_steps=cfg.steps,
@@ -237,7 +238,7 @@ def train(cfg: DetectorTrainConfig) -> Path:
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="cosine",
         logging_steps=50,
-        save_steps=200,
+        save_steps=100,
         save_total_limit=1,
         dataloader_num_workers=cfg.workers,
         remove_unused_columns=False,
@@ -253,6 +254,7 @@ def train(cfg: DetectorTrainConfig) -> Path:
     seconds = time.time() - start
     net.eval()
     graph = export_onnx(net, out / GRAPH)
+    DetectorCard(INPUT_SIZE, STRIDE, MEAN, STD, sha256_file(graph), {}).write(out)  # the new graph's, for scoring
     metrics = evaluate_boxes(out, cfg.val_coco, limit=cfg.eval_images)
     card = DetectorCard(
         INPUT_SIZE,
@@ -269,6 +271,7 @@ def train(cfg: DetectorTrainConfig) -> Path:
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
+                "view": cfg.view,
                 "seconds_this_run": round(seconds, 1),
             },
             "val": {"coco": Path(cfg.val_coco).name, **metrics},
@@ -314,9 +317,6 @@ def evaluate_boxes(folder: str | Path, val_coco: str | Path, limit: int | None =
     from locllm_sdk.evaluation import box_ap
     from locllm_sdk.person_detector import PersonDetector
 
-    card_path = Path(folder) / "detector.json"
-    if not card_path.is_file():  # during training: a card for the fresh graph
-        DetectorCard(INPUT_SIZE, STRIDE, MEAN, STD, sha256_file(Path(folder) / GRAPH), {}).write(folder)
     det = PersonDetector(folder, score_threshold=score_threshold)
     doc = read_coco(val_coco)
     folder_images = guess_image_dir(Path(val_coco), doc)
