@@ -101,3 +101,20 @@ def validate_boxes(boxes: object, image_hw: tuple[int, int], box_format: str = "
             raise BoxError(f"box {i} {row} ({box_format}) lies outside the {w}x{h} image")
         out.append([x, y, bw, bh])
     return out
+
+
+def usable_detections(
+    boxes: list[list[float]], scores: list, image_hw: tuple[int, int]
+) -> tuple[list[list[float]], list]:
+    """A detector's ``[x, y, w, h]`` boxes clipped to the image, dropping those left under
+    ``MIN_BOX_SIDE`` pixels (a detector's sliver or a box outside the frame is no person to crop:
+    refusing it, as a caller's box is refused, would stop a video mid-stream)."""
+    h, w = image_hw
+    kept, kept_scores = [], []
+    for (x, y, bw, bh), score in zip(boxes, scores, strict=True):
+        x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+        x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+        if x2 - x1 >= MIN_BOX_SIDE and y2 - y1 >= MIN_BOX_SIDE:
+            kept.append([x1, y1, x2 - x1, y2 - y1])
+            kept_scores.append(score)
+    return kept, kept_scores

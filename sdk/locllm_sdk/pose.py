@@ -18,7 +18,7 @@ import numpy as np
 from . import crop as cropping
 from .detectors import detect, detect_scored
 from .errors import ArgumentError
-from .inputs import validate_boxes
+from .inputs import usable_detections, validate_boxes
 from .loader import LoadedModel, load
 from .manifest import AUTO
 from .pipeline import DECODING, DEFAULT_MEMORY_BUDGET_MB, StageTimes, locate_in_images
@@ -178,6 +178,7 @@ class Pose:
             start = time.perf_counter()
             boxes, box_scores = detect_scored(detector, img, score_threshold, classes)
             detect_ms = 1000.0 * (time.perf_counter() - start)
+            boxes, box_scores = usable_detections(boxes, box_scores, (h, w))
             box_format = "xywh"
         return _Item(img, validate_boxes(boxes, (h, w), box_format), box_scores, detect_ms)
 
