@@ -1,7 +1,9 @@
 """``locllm``: the command line.
 
 locllm demo [--seed N] [--out demo.png]           the bundled demo model on a rendered scene
-locllm locate IMAGE [-m MODEL] -k neck -k pelvis [--box x,y,w,h] [--flip] [--json] [--draw out.png]
+locllm locate SOURCE [-m MODEL] -k neck -k pelvis [--box x,y,w,h | --detector person|none] [--flip] [--json]
+              [--draw out.png] [--out-dir DIR] [--video out.mp4] [--coco res.json] [--track --det-frequency N]
+              SOURCE: an image, a folder, a glob, a video file, a webcam index or a stream URL
 locllm predict GT.json [-m MODEL] --out preds.json [--flip]  COCO results for benchmarks/accuracy.py
 locllm annotate SOURCE --out RESULTS [-m MODEL] [--workers N]  a dataset on Ray Data (resumable)
 locllm serve [ENGINE] [--port P] [--replicas N] [--no-batching]     an HTTP JSON API on Ray Serve
@@ -18,6 +20,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from .errors import LocLLMError
 from .inputs import BOX_FORMATS
@@ -69,25 +73,116 @@ def _model_path(args) -> Path:
     return path
 
 
-def cmd_locate(args) -> int:
-    from .crop import load_image
-    from .draw import check_image_path, draw_results
+def _locate_kwargs(args) -> dict:
+    """Boxes (--box) or the detector (--detector person | none: the whole image)."""
+    if args.box:
+        return {"boxes": args.box, "box_format": args.box_format}
+    if args.detector == "none":
+        return {}
+    return {"detector": args.detector, "score_threshold": args.det_threshold}
 
-    if args.draw:
-        check_image_path(args.draw)  # before any work: a run never ends in a failed write
-    image = load_image(args.image)
+
+def cmd_locate(args) -> int:
+    from . import sources
+    from .draw import check_image_path
+
+    for path in (args.draw, args.video):
+        if path:
+            check_image_path(path) if path is args.draw else _check_video_path(path)
+    if args.coco and not args.coco.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {args.coco}: the folder {args.coco.parent} does not exist")
+    kind = sources.kind(args.source)
+    if kind not in ("image", "array") or args.out_dir or args.video or args.coco or args.track:
+        return _locate_many(args, kind)
+    from .crop import load_image
+    from .draw import draw_results
+
+    image = load_image(args.source)
     pose = _pose(args)
     keypoints = args.keypoint or args.skeleton
-    res = pose.locate(image, keypoints, boxes=args.box or None, flip=args.flip, box_format=args.box_format)
+    res = pose.locate(image, keypoints, flip=args.flip, **_locate_kwargs(args))
     if args.draw:
-        draw_results(image, res, args.draw, library=pose.library)
+        draw_results(image, res, args.draw, library=pose.library, labels=True, kpt_thr=args.kpt_thr)
     if args.json:
         print(res.to_json(indent=2))
     else:
         _print_table(res)
+    if not res.persons:
+        print("no person found (--detector none runs the whole image, --box gives boxes)", file=sys.stderr)
     if args.draw:
         print(f"overlay written to {args.draw}", file=sys.stderr)
     return 0
+
+
+def _check_video_path(path: Path) -> None:
+    if path.suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
+        raise ValueError(f"--video {path}: the file name must end in .mp4, .avi, .mkv or .mov")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+
+
+def _locate_many(args, kind: str) -> int:
+    """Every frame of a folder, glob, video, webcam or stream: annotated images (--out-dir),
+    an annotated video (--video), COCO keypoint results (--coco), with a progress bar."""
+    from . import sources
+    from .draw import draw_results, write_image
+
+    if args.draw:
+        raise ValueError(f"--draw is for one image; a {kind} source writes --out-dir DIR and/or --video OUT.mp4")
+    if args.track and not (args.detector != "none" and not args.box):
+        raise ValueError("--track follows people found by the detector: drop --box / --detector none")
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    pose = _pose(args)
+    keypoints = args.keypoint or args.skeleton
+    extra = {"track": True, "det_frequency": args.det_frequency} if args.track else {}
+    writer, fps = None, sources.frame_rate(args.source) if args.video else None
+    results, images, persons, frames = [], [], 0, 0
+    try:
+        stream = pose.stream(args.source, keypoints, progress=not args.no_progress, flip=args.flip,
+                             **_locate_kwargs(args), **extra)  # fmt: skip
+        for frame, res in stream:
+            frames += 1
+            persons += len(res)
+            image_id = frames
+            results += [r | {"file_name": frame.name} for r in res.to_coco(image_id)]
+            images.append({"id": image_id, "file_name": frame.name, "height": res.image_size[0],
+                           "width": res.image_size[1]})  # fmt: skip
+            if args.out_dir or args.video:
+                drawn = draw_results(frame.image, res, library=pose.library, labels=True, kpt_thr=args.kpt_thr)
+                if args.out_dir:
+                    write_image(args.out_dir / f"{Path(frame.name.replace('#', '_')).stem}.jpg", drawn)
+                if args.video:
+                    writer = writer or _video_writer(args.video, fps or 25.0, drawn.shape[:2])
+                    writer.write(np.ascontiguousarray(drawn[:, :, ::-1]))
+            if args.limit and frames >= args.limit:
+                break
+    finally:
+        if writer is not None:
+            writer.release()
+    if args.coco:
+        tmp = args.coco.with_name(args.coco.name + ".partial")
+        tmp.write_text(json.dumps(results) + "\n")
+        tmp.replace(args.coco)  # complete or absent
+        images_file = args.coco.with_name(args.coco.stem + ".images.json")
+        images_file.write_text(json.dumps(images) + "\n")
+    print(f"{frames} frame(s), {persons} person(s)", file=sys.stderr)
+    written = (("annotated images", args.out_dir), ("annotated video", args.video), ("COCO results", args.coco))
+    for what, path in written:
+        if path:
+            print(f"{what} written to {path}", file=sys.stderr)
+    if args.coco:
+        print(f"image ids and files of the COCO results: {images_file}", file=sys.stderr)
+    return 0
+
+
+def _video_writer(path: Path, fps: float, hw: tuple[int, int]):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (hw[1], hw[0]))
+    if not writer.isOpened():
+        raise OSError(f"cannot write the video {path} (OpenCV's VideoWriter with mp4v refused it)")
+    return writer
 
 
 def cmd_demo(args) -> int:
@@ -96,7 +191,15 @@ def cmd_demo(args) -> int:
 
     check_image_path(args.out)
     lo, _, hi = args.persons.partition("-")
-    run_demo(seed=args.seed, persons=(int(lo), int(hi or lo)), out=args.out, backend=args.backend, model=args.model)
+    run_demo(
+        seed=args.seed,
+        persons=(int(lo), int(hi or lo)),
+        out=args.out,
+        backend=args.backend,
+        model=args.model,
+        detector=None if args.detector == "none" else args.detector,
+        eval_images=args.eval_images,
+    )
     return 0
 
 
@@ -185,20 +288,31 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="locllm", description="LocLLM keypoint localization")
     sub = ap.add_subparsers(dest="command", required=True)
-    loc = sub.add_parser("locate", help="locate keypoints in an image")
-    loc.add_argument("image", help="image file")
+    loc = sub.add_parser("locate", help="locate keypoints in an image, a folder, a glob, a video or a stream")
+    loc.add_argument("source", help="image file, folder, glob ('frames/*.jpg'), video file, webcam index or URL")
     model_help = "engine directory, checkpoint, or demo / demo3d (the bundled models; default demo)"
     loc.add_argument("--model", "-m", help=model_help)
     loc.add_argument("-k", "--keypoint", action="append", help="keypoint name (repeatable); default: the skeleton")
     loc.add_argument("--skeleton", default="coco17", help="skeleton used when no -k is given (default coco17)")
-    loc.add_argument("--box", action="append", type=_box, help="person box x,y,w,h (repeatable); default whole image")
+    loc.add_argument("--box", action="append", type=_box, help="person box x,y,w,h (repeatable); default: detected")
     loc.add_argument("--box-format", default="xywh", choices=BOX_FORMATS, help="how --box numbers read (default xywh)")
+    det_help = "people found by the bundled person detector (default), or none: the whole image"
+    loc.add_argument("--detector", default="person", choices=("person", "none"), help=det_help)
+    loc.add_argument("--det-threshold", type=float, default=0.3, help="detector score threshold (default 0.3)")
+    loc.add_argument("--track", action="store_true", help="video: track ids, detection every --det-frequency frames")
+    loc.add_argument("--det-frequency", type=int, default=1, help="with --track: detect every N frames (default 1)")
     loc.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     loc.add_argument("--decoding", default="constrained", choices=("constrained", "free"))
     loc.add_argument("--threads", type=int, default=None)
     loc.add_argument("--flip", action="store_true", help=FLIP_HELP)
-    loc.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    loc.add_argument("--draw", type=Path, help="write an overlay PNG")
+    loc.add_argument("--json", action="store_true", help="one image: print JSON instead of a table")
+    loc.add_argument("--draw", type=Path, help="one image: write an overlay PNG")
+    loc.add_argument("--kpt-thr", type=float, help="draw only keypoints at or above this confidence (or score)")
+    loc.add_argument("--out-dir", type=Path, help="write an annotated image per image or frame into DIR")
+    loc.add_argument("--video", type=Path, help="write an annotated video (mp4v)")
+    loc.add_argument("--coco", type=Path, help="write COCO keypoint results (+ NAME.images.json: ids and files)")
+    loc.add_argument("--limit", type=int, help="first N frames only")
+    loc.add_argument("--no-progress", action="store_true", help="no progress bar")
     loc.set_defaults(func=cmd_locate)
     demo = sub.add_parser("demo", help="run the bundled demo model on a rendered SynthPose scene")
     demo.add_argument("--seed", type=int, default=7, help="scene seed (default 7)")
@@ -206,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo.png"), help="overlay PNG (default demo.png)")
     demo.add_argument("--model", "-m", help="demo (default), demo3d (the bundled 3D model) or a checkpoint")
     demo.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
+    det_help = "people found by the bundled detector (default) or the scene's true boxes (none)"
+    demo.add_argument("--detector", default="person", choices=("person", "none"), help=det_help)
+    eval_help = "rendered scenes for detection AP50 and keypoint AP (default 20; 0 skips)"
+    demo.add_argument("--eval-images", type=int, default=20, help=eval_help)
     demo.set_defaults(func=cmd_demo)
     pred = sub.add_parser("predict", help="predict every ground-truth person of a COCO-keypoints file")
     pred.add_argument("gt", type=Path, help="COCO keypoints JSON (SynthPose, COCO)")

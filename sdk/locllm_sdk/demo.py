@@ -129,6 +129,36 @@ def held_out_keypoints(checkpoint: Path) -> list[str]:
     return list((read_config(checkpoint).get("trained") or {}).get("exclude") or [])
 
 
+def _match_by_iou(pred_boxes: list, gt_boxes: list, threshold: float = 0.5) -> list[int | None]:
+    """For each predicted [x, y, w, h] box, the GT box it overlaps best (IoU >= threshold),
+    greedily, best pairs first; None when none is left."""
+    from .tracking import greedy_match, iou_matrix
+
+    def xyxy(b):
+        return np.array([[x, y, x + w, y + h] for x, y, w, h in b], np.float64).reshape(-1, 4)
+
+    out: list[int | None] = [None] * len(pred_boxes)
+    for p, g in greedy_match(iou_matrix(xyxy(pred_boxes), xyxy(gt_boxes)), threshold):
+        out[p] = g
+    return out
+
+
+def rendered_set(seed: int, images: int, size: int = 256) -> tuple[dict, list[tuple[int, np.ndarray]]]:
+    """``images`` SynthPose scenes of the test split (never trained on) as a COCO document and
+    (image id, RGB) pairs."""
+    from locllm_training.synthpose.dataset_io import coco_document, sample_records
+    from locllm_training.synthpose.scene import generate_sample
+
+    records, anns, pairs = [], [], []
+    for i in range(images):
+        sample = generate_sample(seed, i, size, (1, 3), "test")
+        im, an, _, _ = sample_records(sample, i + 1, len(anns) + 1, f"{i + 1:08d}.png")
+        records.append(im)
+        anns += an
+        pairs.append((i + 1, np.ascontiguousarray(sample.image[:, :, ::-1])))
+    return coco_document(records, anns, "test", seed), pairs
+
+
 def run_demo(
     seed: int = 7,
     persons: tuple[int, int] = (2, 3),
@@ -136,7 +166,12 @@ def run_demo(
     backend: str = "auto",
     model: str | Path | None = None,
     size: int = 384,
+    detector: str | None = "person",
+    eval_images: int = 20,
 ) -> dict:
+    """``detector="person"``: people found by the bundled detector (None: the scene's
+    ground-truth boxes); ``eval_images``: rendered test scenes on which detection AP50 and the
+    keypoint AP with detected and with ground-truth boxes are measured (0: skipped)."""
     from locllm_training.synthpose.scene import ROOT, generate_sample
     from locllm_training.synthpose.skeleton import JOINT_NAMES
 
@@ -151,40 +186,54 @@ def run_demo(
     image = np.ascontiguousarray(sample.image[:, :, ::-1])  # renderer's BGR -> RGB
     coco = list(pose.library.skeletons["coco17"].keypoints)
     names = coco + [n for n in novel if n not in coco]
-    boxes = [p.bbox for p in sample.persons]
-    res = pose.locate(image, names, boxes=boxes)
+    gt_boxes = [p.bbox for p in sample.persons]
+    if detector is None:
+        res = pose.locate(image, names, boxes=gt_boxes)
+        match: list[int | None] = list(range(len(gt_boxes)))
+    else:
+        res = pose.locate(image, names, detector=detector)
+        match = _match_by_iou([p.box for p in res], gt_boxes)
     idx = [JOINT_NAMES.index(n) for n in names]
     gt = np.stack([p.joints_2d[idx] for p in sample.persons])
     vis = np.stack([p.vis[idx] for p in sample.persons]) > 0
-    pred = res.numpy()[:, :, :2]
+    # every GT person, with the answers of the detected person matched to it (nan: missed)
+    pred = np.full(gt.shape, np.nan)
+    for i, j in enumerate(match):
+        if j is not None:
+            pred[j] = res.numpy()[i, :, :2]
     three_d = pose.spec.coord_dims == 3
     # ground-truth depth relative to the pelvis (mm), the 3D models' convention
     gt_z = np.stack([p.joints_cam[idx, 2] - p.joints_cam[ROOT, 2] for p in sample.persons])
     z_err: list[float] = []
     z_blind: list[float] = []  # answering the pelvis depth for every joint
-    norm = np.array([max(b[2], b[3]) for b in boxes])
+    norm = np.array([max(b[2], b[3]) for b in gt_boxes])
     seen = [i for i, n in enumerate(names) if n not in novel]
     unseen = [i for i, n in enumerate(names) if n in novel]
     pck_seen = pck(pred[:, seen], gt[:, seen], vis[:, seen], norm, 0.1)["mean"]
     pck_novel = pck(pred[:, unseen], gt[:, unseen], vis[:, unseen], norm, 0.1)["mean"] if unseen else None
     for i, person in enumerate(res):
-        print(f"person {i}  box={[round(v) for v in person.box]}  score={person.score:.3f}")
+        j = match[i]
+        found = f"  detector score {person.box_score:.2f}" if person.box_score is not None else ""
+        print(f"person {i}  box={[round(v) for v in person.box]}  score={person.score:.3f}{found}")
+        if j is None:
+            print("  (matches no person of the scene: a false detection)")
         zhead = f"{'z mm':>8}{'gt z':>8}" if three_d else ""
         print(f"  {'keypoint':<16}{'x':>8}{'y':>8}{'gt x':>8}{'gt y':>8}{'err px':>8}{zhead}{'score':>7}")
-        for j, k in enumerate(person):
-            err = float(np.hypot(k.x - gt[i, j, 0], k.y - gt[i, j, 1]))
+        for k_i, k in enumerate(person):
+            gx, gy = gt[j, k_i] if j is not None else (np.nan, np.nan)
+            err = float(np.hypot(k.x - gx, k.y - gy))
             note = "  novel: held out of training" if k.name in novel else ""
-            note += "" if vis[i, j] else "  (outside the image)"
+            note += "" if j is None or vis[j, k_i] else "  (outside the image)"
             zcols = ""
-            if three_d and k.z is not None:
-                zcols = f"{k.z:>8.0f}{gt_z[i, j]:>8.0f}"
-                z_err.append(abs(k.z - float(gt_z[i, j])))
-                z_blind.append(abs(float(gt_z[i, j])))
-            print(
-                f"  {k.name:<16}{k.x:>8.1f}{k.y:>8.1f}{gt[i, j, 0]:>8.1f}{gt[i, j, 1]:>8.1f}{err:>8.1f}"
-                f"{zcols}{k.score:>7.2f}{note}"
-            )
-    draw_results(image, res, out, library=pose.library)
+            if three_d and k.z is not None and j is not None:
+                zcols = f"{k.z:>8.0f}{gt_z[j, k_i]:>8.0f}"
+                z_err.append(abs(k.z - float(gt_z[j, k_i])))
+                z_blind.append(abs(float(gt_z[j, k_i])))
+            print(f"  {k.name:<16}{k.x:>8.1f}{k.y:>8.1f}{gx:>8.1f}{gy:>8.1f}{err:>8.1f}{zcols}{k.score:>7.2f}{note}")
+    missed = len(gt_boxes) - sum(j is not None for j in match)
+    draw_results(image, res, out, library=pose.library, labels=True)
+    if detector is not None:
+        print(f"the detector found {len(res)} of the scene's {len(gt_boxes)} people ({missed} missed)")
     line = f"PCK@0.1 against the scene's ground truth: {pck_seen:.3f} on the {len(seen)} trained keypoints"
     if pck_novel is not None:
         line += f", {pck_novel:.3f} on the held-out {', '.join(novel)}"
@@ -195,11 +244,30 @@ def run_demo(
         )
     print(line)
     print(f"overlay written to {out}  ({res.info['backend']} backend, {res.info['decoder_passes']} decoder passes)")
-    return {
+    report = {
         "pck_trained": pck_seen,
         "pck_novel": pck_novel,
         "depth_error_mm": float(np.mean(z_err)) if z_err else None,
         "depth_error_blind_mm": float(np.mean(z_blind)) if z_blind else None,
         "persons": len(res),
+        "scene_persons": len(gt_boxes),
         "overlay": str(out),
     }
+    if detector is not None and eval_images > 0:
+        report["top_down"] = _report_top_down(pose, seed, eval_images)
+    return report
+
+
+def _report_top_down(pose, seed: int, images: int) -> dict:
+    from .person_detector import PersonDetector
+    from .topdown_eval import BOX_AP_THRESHOLD, evaluate_top_down
+
+    gt, pairs = rendered_set(10_000 + seed, images)
+    print(f"measuring on {images} more rendered scenes ({len(gt['annotations'])} people, test split) ...")
+    r = evaluate_top_down(pose, PersonDetector(score_threshold=BOX_AP_THRESHOLD), pairs, gt)
+    print(
+        f"person detection AP50 {r['box']['AP50']:.3f} (AP {r['box']['AP']:.3f}); keypoint AP (COCO OKS, 17 joints) "
+        f"{r['keypoints_detected_boxes']['AP']:.3f} with detected boxes, {r['keypoints_gt_boxes']['AP']:.3f} with "
+        f"ground-truth boxes ({r['keypoint_ap_ratio']:.0%}); detector {r['detector_ms_median']:.1f} ms/image"
+    )
+    return r
