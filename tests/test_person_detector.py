@@ -174,3 +174,19 @@ def test_detector_slivers_and_boxes_off_the_frame_are_dropped_not_refused(traine
     rows = np.array([[-10, 5, 20, 45, 0.9], [5, 5, 6, 45, 0.8], [100, 100, 120, 120, 0.7]], np.float32)
     res = Pose(engine).locate(np.zeros((64, 64, 3), np.uint8), ["nose"], detector=lambda _: rows)
     assert [p.box for p in res] == [(0.0, 5.0, 20.0, 40.0)] and res[0].box_score == pytest.approx(0.9)
+
+
+def test_a_tracked_person_keeps_the_colour_of_its_track():
+    from locllm_sdk.draw import _PALETTE
+    from locllm_sdk.results import Keypoint, Person, Results
+
+    def frame(ids_and_x):
+        persons = [
+            Person((x, 10.0, 20.0, 30.0), (Keypoint("nose", x + 10, 20.0, 0.9),), track_id=t) for t, x in ids_and_x
+        ]
+        return Results(persons, ["nose"], (64, 96), orig_img=np.zeros((64, 96, 3), np.uint8))
+
+    # the same two tracks listed in the other order: each box is drawn in its track's colour
+    a, b = frame([(3, 5.0), (7, 50.0)]).plot(labels=False), frame([(7, 50.0), (3, 5.0)]).plot(labels=False)
+    assert np.array_equal(a, b)
+    assert tuple(a[25, 5]) == _PALETTE[3 % len(_PALETTE)] and tuple(a[25, 50]) == _PALETTE[7 % len(_PALETTE)]

@@ -42,7 +42,8 @@ def draw_results(
 
     ``kpt_thr``: keypoints below it (and their limbs) are not drawn, compared with the calibrated
     ``confidence`` where the engine has one (thresholds from other tools mean something there),
-    else with the official score; ``labels``: each box carries "person i" and the person score."""
+    else with the official score; ``labels``: each box carries "person i" (a tracked person "id
+    N", in the track's colour in every frame) and the person score."""
     if kpt_thr is not None and (isinstance(kpt_thr, bool) or not isinstance(kpt_thr, (int, float))):
         raise ArgumentError(f"kpt_thr must be a number (a keypoint score) or None, got {kpt_thr!r}")
     img = load_image(image).copy()
@@ -59,12 +60,13 @@ def draw_results(
         return int(round(min(max(x, -1.0), width))), int(round(min(max(y, -1.0), height)))
 
     for i, person in enumerate(results):
-        color = _PALETTE[i % len(_PALETTE)]
+        tracked = getattr(person, "track_id", None) is not None  # a tracked person keeps colour and label
+        color = _PALETTE[(person.track_id if tracked else i) % len(_PALETTE)]
         x, y, w, h = person.box
         cv2.rectangle(img, point(x, y), point(x + w, y + h), color, scale)
         if labels:
             org = point(x, y)
-            text = f"person {i} {person.score:.2f}"
+            text = f"{f'id {person.track_id}' if tracked else f'person {i}'} {person.score:.2f}"
             cv2.putText(img, text, (org[0] + 2, max(org[1] - 4, 10 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.35 * scale, color, max(1, scale // 2), cv2.LINE_AA)  # fmt: skip
         shown = [k for k in person if kpt_thr is None or _threshold_value(k) >= kpt_thr]
