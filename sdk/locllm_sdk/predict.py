@@ -6,7 +6,6 @@ Writes the standard COCO results list (plus ``ann_id``, and ``z_norm`` for 3D mo
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,10 +80,10 @@ def predict_coco(
     image_dir = Path(image_dir) if image_dir else guess_image_dir(gt_json, doc)
     names = keypoint_names(doc, pose, keypoints)
     images = people_by_image(doc, limit)
+    from tqdm import tqdm
+
     preds = []
-    for i, (im, people) in enumerate(images):
+    for im, people in tqdm(images, desc="locllm predict", unit="image", disable=not progress):
         image = load_image(image_dir / im["file_name"], exif_orientation=False)
         preds += image_predictions(pose, image, im["id"], names, people, flip)
-        if progress and (i + 1) % 25 == 0:
-            print(f"  {i + 1}/{len(images)} images", file=sys.stderr)
     return preds
