@@ -444,7 +444,7 @@ def test_arrays_channels_alpha_and_grey_refused():
             load_image(arr)
     with pytest.raises(ImageError, match="numpy arrays only"):
         load_image("some.jpg", channels="bgr")
-    with pytest.raises(ImageError, match="path, a PIL image or a numpy array"):
+    with pytest.raises(ImageError, match="path, a file.s bytes, a PIL image or a numpy array"):
         load_image([[1, 2], [3, 4]])
 
 
