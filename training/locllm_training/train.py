@@ -27,7 +27,8 @@ from .data import (
     load_coco,
     load_companion_records,
 )
-from .model import LocLLM, load_checkpoint, save_checkpoint
+from .model import LocLLM, load_checkpoint, save_checkpoint, to_moe_lora
+from .moe_lora import MoeLoraSettings, moe_parameter_count
 
 
 @dataclass
@@ -73,6 +74,14 @@ class TrainConfig:
     # write the final checkpoint as its differences from this one (e.g. the init, when the
     # LM stayed frozen): a few MB instead of the whole model, the parent sha256-checked
     delta_of: str | None = None
+    # the LM's adapter: "lora" (peft, the init's) or "moe-lora" (E experts + gate, moe_lora.py;
+    # a plain-LoRA init has its LM LoRA folded into the base weights first)
+    adapter: str = "lora"
+    experts: int = 4
+    top_k: int = 2
+    zero_expert: bool = False
+    expert_rank: int | None = None  # each expert's LoRA rank (default: the init's LM LoRA r)
+    balance_weight: float = 0.01
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -94,6 +103,28 @@ def set_trainable(model: LocLLM, stage: int, llm: str = "lora") -> int:
         else:
             p.requires_grad_(name.startswith("projector.") or ".lora_" in name)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def with_adapter(model: LocLLM, cfg: TrainConfig) -> LocLLM:
+    """The init model with the LM adapter ``cfg`` asks for (an MoE-LoRA init continues as is
+    when its settings are the asked ones)."""
+    if cfg.adapter not in ("lora", "moe-lora"):
+        raise ValueError(f"adapter must be 'lora' or 'moe-lora', got {cfg.adapter!r}")
+    have = model.config.llm_adapter
+    if cfg.adapter == "lora":
+        if have != "lora":
+            raise ValueError(f"{cfg.init} has a {have} adapter on its LM: train it with --adapter {have}")
+        return model
+    settings = MoeLoraSettings(cfg.experts, cfg.top_k, cfg.zero_expert, cfg.balance_weight)
+    if have == "moe-lora":
+        rank = cfg.expert_rank or model.config.lora_llm.r
+        if (model.config.moe_llm, model.config.lora_llm.r) != (settings, rank):
+            raise ValueError(
+                f"{cfg.init} has MoE LoRA {model.config.moe_llm} (rank {model.config.lora_llm.r}); "
+                f"asked for {settings} (rank {rank})"
+            )
+        return model
+    return to_moe_lora(model, settings, r=cfg.expert_rank)
 
 
 def records_of(source: DataSource, dims: int) -> list[PersonRecord]:
@@ -215,7 +246,7 @@ def run(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
-    model = load_checkpoint(cfg.init, with_lora=True)
+    model = with_adapter(load_checkpoint(cfg.init, with_lora=True), cfg)
     if cfg.coord_dims:
         if cfg.coord_dims not in (2, 3):
             raise ValueError(f"coord_dims must be 2 or 3, got {cfg.coord_dims}")
@@ -256,6 +287,8 @@ def run(cfg: TrainConfig) -> Path:
         ]
         train_set = parts[0] if len(parts) == 1 else WeightedMix(parts, [s.weight for s in cfg.train], cfg.seed)
     print(f"training stage {cfg.stage}: {trainable / 1e6:.2f}M trainable parameters, {len(train_set)} samples")
+    if model.config.moe_llm:
+        print(f"MoE LoRA on the LM: {model.config.moe_llm}, {moe_parameter_count(model.llm) / 1e6:.3f}M parameters")
 
     val_fn = None
     if cfg.val is not None and cfg.stage == 2:
