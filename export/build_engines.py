@@ -3,10 +3,15 @@
     python export/build_engines.py --checkpoint ckpt/tiny --output engines/tiny [--targets onnx]
     python export/build_engines.py --checkpoint CKPT --output ENGINE --targets onnx,tensorrt,trtllm --precision fp16
     python export/build_engines.py --checkpoint CKPT --output ENGINE --targets tensorrt,trtllm --dry-run
+    python export/build_engines.py --checkpoint CKPT --output ENGINE --decoder-precision int8 [--min-agreement 0.95]
 
 onnx: merges LoRA (fp32, checked), exports the vision tower and the decoder step to ONNX,
 writes the embedding table, tokenizer, descriptions and manifest.json, and verifies the
-graphs in ONNX Runtime against PyTorch before the directory appears.
+graphs in ONNX Runtime against PyTorch before the directory appears. With int8 graphs
+(--precision, --vision-precision, --decoder-precision) the verified fp32 graphs are quantized
+with ONNX Runtime's dynamic quantization (int8 MatMul/Gemm weights, KV cache fp32) and the
+engine appears only if the answers on rendered calibration scenes agree with the fp32 engine's
+(--min-agreement, --calibration-images; --force keeps it anyway); the manifest records both.
 
 tensorrt,trtllm (on the NVIDIA GPU that will serve the engine; see docs/gpu.md): a TensorRT
 plan of the vision tower (parity-gated against vision.onnx) and a TensorRT-LLM engine of the
@@ -53,14 +58,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--dino-weights", type=Path, help="DINOv2 weights file for --layerscale dino-file")
     ap.add_argument("--dry-run", action="store_true", help="print the TensorRT/TensorRT-LLM plan, build nothing")
-    gpu = ap.add_argument_group("tensorrt / trtllm targets")
-    gpu.add_argument("--precision", default=d.precision, choices=DECODER_PRECISIONS, help="decoder precision")
-    gpu.add_argument(
-        "--vision-precision",
-        default=d.vision_precision,
-        choices=VISION_PRECISIONS,
-        help="ViT precision (LayerNorm and softmax stay fp32)",
+    from locllm_export.quantize import DEFAULT_MIN_AGREEMENT, PRECISIONS
+
+    every = tuple(dict.fromkeys((*PRECISIONS, *DECODER_PRECISIONS, *VISION_PRECISIONS)))
+    prec = ap.add_argument_group(
+        "precision",
+        f"ONNX graphs: {', '.join(PRECISIONS)} (default fp32; int8 is parity-gated against the fp32 engine); "
+        f"TensorRT: decoder {', '.join(DECODER_PRECISIONS)}, vision {', '.join(VISION_PRECISIONS)} "
+        f"(default {d.precision}/{d.vision_precision}). A value applies to the targets that have it.",
     )
+    prec.add_argument("--precision", choices=every, help="the decoder's (TensorRT) or both graphs' (ONNX)")
+    prec.add_argument("--vision-precision", choices=every, help="the vision tower (TensorRT: LayerNorm, softmax fp32)")
+    prec.add_argument("--decoder-precision", choices=PRECISIONS, help="the ONNX decoder graphs (over --precision)")
+    prec.add_argument(
+        "--min-agreement",
+        type=float,
+        default=DEFAULT_MIN_AGREEMENT,
+        help="reduced ONNX precision: the least fraction of calibration answers equal to fp32's",
+    )
+    prec.add_argument("--force", action="store_true", help="keep a reduced-precision engine below --min-agreement")
+    prec.add_argument("--calibration-images", type=int, default=20, help="rendered SynthPose scenes of the parity gate")
+    gpu = ap.add_argument_group("tensorrt / trtllm targets")
     gpu.add_argument(
         "--max-batch-size", type=int, default=d.max_batch_size, help="keypoint requests in flight in TensorRT-LLM"
     )
@@ -87,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the tensorrt backend needs both targets: pass --targets tensorrt,trtllm (with onnx if not built yet)")
     if args.dry_run and not nvidia:
         ap.error("--dry-run prints the TensorRT/TensorRT-LLM plan: add --targets tensorrt,trtllm")
+    onnx_precision, trt_precision = _split_precisions(ap, args, "onnx" in targets, bool(nvidia))
 
     if nvidia:
         from locllm_export.tensorrt_plan import BuildOptions, PlanError
 
         opts = BuildOptions(
-            precision=args.precision,
-            vision_precision=args.vision_precision,
+            **trt_precision,
             max_batch_size=args.max_batch_size,
             vision_batch=args.vision_batch,
             tokens_per_block=args.tokens_per_block,
@@ -110,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return _dry_run(args, targets, opts)
 
     from locllm_export.build import ExportVerificationError, build_onnx_engine
+    from locllm_sdk.errors import LocLLMError
 
     if nvidia:
         # a public LocLLM dir is converted once, for every target (the ONNX build would do it alone)
@@ -134,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 layerscale=args.layerscale,
                 dino_weights=args.dino_weights,
+                precision=onnx_precision,
             )
-        except (ExportVerificationError, FileExistsError, FileNotFoundError, ValueError) as e:
+        except (ExportVerificationError, LocLLMError, FileExistsError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(report.summary())
@@ -155,6 +175,39 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.checkpoint} --engine {args.output} for its parity report"
         )
     return 0
+
+
+def _split_precisions(ap: argparse.ArgumentParser, args, onnx: bool, nvidia: bool):
+    """(PrecisionOptions for the ONNX graphs, BuildOptions precision fields for TensorRT): each
+    precision flag goes to the target family whose precisions include its value."""
+    from locllm_export.build import PrecisionOptions
+    from locllm_export.quantize import PRECISIONS
+    from locllm_export.tensorrt_plan import DECODER_PRECISIONS, VISION_PRECISIONS
+
+    flags = {"--precision": args.precision, "--vision-precision": args.vision_precision}
+    flags["--decoder-precision"] = args.decoder_precision
+    for flag, value in flags.items():
+        trt_set = VISION_PRECISIONS if flag == "--vision-precision" else DECODER_PRECISIONS
+        if value is not None and not ((onnx and value in PRECISIONS) or (nvidia and value in trt_set)):
+            where = "the ONNX graphs" if value in PRECISIONS else "TensorRT"
+            ap.error(f"{flag} {value} is a precision of {where}, which --targets does not build")
+
+    def onnx_value(*values: str | None) -> str:
+        return next((v for v in values if v in PRECISIONS), "fp32")
+
+    onnx_precision = PrecisionOptions(
+        vision=onnx_value(args.vision_precision, args.precision),
+        decoder=onnx_value(args.decoder_precision, args.precision),
+        min_agreement=args.min_agreement,
+        force=args.force,
+        calibration_images=args.calibration_images,
+    )
+    trt = {}
+    if args.precision in DECODER_PRECISIONS:
+        trt["precision"] = args.precision
+    if args.vision_precision in VISION_PRECISIONS:
+        trt["vision_precision"] = args.vision_precision
+    return onnx_precision, trt
 
 
 def _dry_run(args, targets: list[str], opts) -> int:

@@ -33,6 +33,7 @@ from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, e
 from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
 from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
+from .quantize import DEFAULT_MIN_AGREEMENT, reduce_engine
 
 MERGE_TOLERANCE = 1e-4  # relative to the output scale
 GRAPH_TOLERANCE = 1e-4
@@ -208,6 +209,22 @@ def _parent_sha256(checkpoint: Path) -> list[str]:
     return chain
 
 
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """Reduced precision of the vision and decoder graphs (``quantize.PRECISIONS``), applied
+    after the fp32 engine is verified and gated on the calibration answers' agreement."""
+
+    vision: str = "fp32"
+    decoder: str = "fp32"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    force: bool = False
+    calibration_images: int = 20
+
+    @property
+    def reduced(self) -> bool:
+        return (self.vision, self.decoder) != ("fp32", "fp32")
+
+
 def build_onnx_engine(
     checkpoint: str | Path,
     output: str | Path,
@@ -215,16 +232,18 @@ def build_onnx_engine(
     layerscale: str = "checkpoint",
     dino_weights: str | Path | None = None,
     progress: bool = False,
+    precision: PrecisionOptions | None = None,
 ) -> BuildReport:
     """Build an engine from our checkpoint format or from a public LocLLM directory (converted
     first into a temporary checkpoint, prompt ids verified against its slow tokenizer;
     ``layerscale``/``dino_weights`` apply to that conversion only). ``progress``: a tqdm bar
-    over the build's stages (on stderr)."""
+    over the build's stages (on stderr). ``precision``: reduced-precision graphs, parity-gated
+    (``quantize.reduce_engine``; an EngineError and no engine directory below the gate)."""
     from locllm_training.official import SOURCE_FORMAT, convert_official, is_official_checkpoint
 
     checkpoint, output = Path(checkpoint).resolve(), Path(output)
     if not is_official_checkpoint(checkpoint):
-        return _build_onnx_engine(checkpoint, output, overwrite, progress=progress)
+        return _build_onnx_engine(checkpoint, output, overwrite, progress=progress, precision=precision)
     if output.exists() and not overwrite and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
     import tempfile
@@ -241,6 +260,7 @@ def build_onnx_engine(
             source_format=SOURCE_FORMAT,
             notes=converted.notes,
             progress=progress,
+            precision=precision,
         )
 
 
@@ -252,6 +272,7 @@ def _build_onnx_engine(
     source_format: str = "locllm-sdk-checkpoint",
     notes: list[str] | None = None,
     progress: bool = False,
+    precision: PrecisionOptions | None = None,
 ) -> BuildReport:
     start = time.perf_counter()
     if output.exists() and not overwrite and any(output.iterdir()):
@@ -266,6 +287,8 @@ def _build_onnx_engine(
     bar = tqdm(total=len(BUILD_STAGES), desc="building the engine", unit="stage", disable=not progress)
     try:
         _write_engine(checkpoint, tmp, report, source, source_format, notes, bar)
+        if precision is not None and precision.reduced:
+            _reduce_precision(tmp, precision, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted or failed build leaves nothing
         raise
@@ -279,6 +302,25 @@ def _build_onnx_engine(
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _reduce_precision(tmp: Path, precision: PrecisionOptions, report: BuildReport) -> None:
+    """Replace the verified fp32 engine in ``tmp`` by its gated reduced-precision version."""
+    reduced = tmp.with_name(tmp.name + ".reduced")
+    agreement = reduce_engine(
+        tmp,
+        reduced,
+        vision=precision.vision,
+        decoder=precision.decoder,
+        min_agreement=precision.min_agreement,
+        force=precision.force,
+        calibration_images=precision.calibration_images,
+    )
+    shutil.rmtree(tmp)
+    reduced.rename(tmp)
+    report.checks[f"{precision.vision}/{precision.decoder} answers == fp32"] = (
+        f"{agreement.identical}/{agreement.answers} ({agreement.fraction:.1%}; gate {precision.min_agreement:.1%})"
+    )
 
 
 BUILD_STAGES = ("LoRA merge", "vision graph", "decoder graph", "cascade decoder graph", "verification")
