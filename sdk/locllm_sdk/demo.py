@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BackendUnavailable
 from .filecache import cache_dir
 from .loader import read_config
 from .manifest import GRAPH_REVISION, MANIFEST, read_manifest
@@ -73,13 +74,20 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
 
 
 def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
-    """The checkpoint's ONNX engine, built once per checkpoint content and cached.
+    """The checkpoint's ONNX engine, made once per checkpoint content and cached.
 
-    Builds are atomic (the engine appears complete or not at all) and locked per engine: a
-    second process asking for the same engine waits for the first build and reuses it."""
+    A checkpoint shipping an engine template of its content and this SDK's graph revision (the
+    bundled models do) has its engine assembled from it without torch, byte-identical to the
+    torch build and checked against its manifest (``engine_assembly``; seconds instead of about
+    a minute, so also where torch is installed); any other checkpoint is built with the export
+    extra. Both are atomic (the engine appears complete or not at all) and locked per engine: a
+    second process asking for the same engine waits for the first and reuses its engine."""
+    from .engine_assembly import assemble_engine, checkpoint_template
+
     checkpoint = Path(checkpoint)
     engines = cache_dir() / "engines"
-    engine = engines / f"{checkpoint.name}-{checkpoint_digest(checkpoint)[:16]}"
+    digest = checkpoint_digest(checkpoint)
+    engine = engines / f"{checkpoint.name}-{digest[:16]}"
     if _usable(engine) and not rebuild:
         return engine
     locks = cache_dir() / "locks"  # beside the engines, so the engines folder holds engines only
@@ -88,16 +96,21 @@ def engine_for(checkpoint: str | Path, rebuild: bool = False) -> Path:
     with _locked(locks / f"{engine.name}.lock"):
         if _usable(engine) and not rebuild:
             return engine  # another process built it while we waited
+        # under the lock no other build of this engine runs: a .partial left here is stale
+        template = checkpoint_template(checkpoint, digest)
+        if template is not None:
+            print(f"assembling the engine for {checkpoint} from its template once -> {engine}", file=sys.stderr)
+            return assemble_engine(template, checkpoint, engine)
         try:
             from locllm_export.build import build_onnx_engine
         except ImportError as e:
-            raise RuntimeError(
+            raise BackendUnavailable(
+                f"{checkpoint} has no engine template for its content and graph revision {GRAPH_REVISION}, and "
                 "building an engine needs the export extra (torch, transformers, onnx): "
                 "pip install 'locllm-sdk[export]'"
             ) from e
         print(f"building the engine for {checkpoint} once -> {engine}", file=sys.stderr)
-        # under the lock no other build of this engine runs: a .partial left here is stale
-        build_onnx_engine(checkpoint, engine, overwrite=True)
+        build_onnx_engine(checkpoint, engine, overwrite=True, progress=True)
     return engine
 
 
