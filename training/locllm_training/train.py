@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from locllm_sdk.descriptions import DescriptionLibrary
+from locllm_sdk.errors import ArgumentError
 from locllm_sdk.evaluation import pck
 from locllm_sdk.protocol import PromptTokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -109,17 +110,17 @@ def with_adapter(model: LocLLM, cfg: TrainConfig) -> LocLLM:
     """The init model with the LM adapter ``cfg`` asks for (an MoE-LoRA init continues as is
     when its settings are the asked ones)."""
     if cfg.adapter not in ("lora", "moe-lora"):
-        raise ValueError(f"adapter must be 'lora' or 'moe-lora', got {cfg.adapter!r}")
+        raise ArgumentError(f"adapter must be 'lora' or 'moe-lora', got {cfg.adapter!r}")
     have = model.config.llm_adapter
     if cfg.adapter == "lora":
         if have != "lora":
-            raise ValueError(f"{cfg.init} has a {have} adapter on its LM: train it with --adapter {have}")
+            raise ArgumentError(f"{cfg.init} has a {have} adapter on its LM: train it with --adapter {have}")
         return model
     settings = MoeLoraSettings(cfg.experts, cfg.top_k, cfg.zero_expert, cfg.balance_weight)
     if have == "moe-lora":
         rank = cfg.expert_rank or model.config.lora_llm.r
         if (model.config.moe_llm, model.config.lora_llm.r) != (settings, rank):
-            raise ValueError(
+            raise ArgumentError(
                 f"{cfg.init} has MoE LoRA {model.config.moe_llm} (rank {model.config.lora_llm.r}); "
                 f"asked for {settings} (rank {rank})"
             )
