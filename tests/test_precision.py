@@ -1,0 +1,89 @@
+"""Reduced-precision engines: int8 graphs from ONNX Runtime's quantization, parity-gated."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from locllm_export.quantize import answer_agreement, calibration_scenes, quantize_graph_int8, reduce_engine
+from locllm_sdk import Pose
+from locllm_sdk.errors import ArgumentError, EngineError
+from locllm_sdk.manifest import EngineManifest
+from onnx import numpy_helper
+
+
+def _op_count(path, op: str) -> int:
+    return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
+
+
+def _corrupt_first_weight_scale(src, dst) -> None:
+    """Quantize, then scale one quantized MatMul's weight scale by -30 (a broken quantization)."""
+    quantize_graph_int8(src, dst)
+    model = onnx.load(str(dst))
+    inits = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
+    scale = inits[node.input[1].removesuffix("_quantized") + "_scale"]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * -30.0, scale.name))
+    onnx.save(model, str(dst))
+
+
+def test_int8_engine_of_tiny_loads_answers_and_records_its_agreement(trained, tmp_path):
+    _, fp32 = trained[2]
+    out = tmp_path / "int8"
+    agreement = reduce_engine(fp32, out, vision="int8", decoder="int8", min_agreement=0.0, calibration_images=2)
+    for graph in ("vision.onnx", "decoder.onnx", "decoder_shared.onnx"):
+        assert _op_count(fp32 / graph, "MatMulInteger") == 0
+        assert _op_count(out / graph, "MatMulInteger") > 0, graph
+    manifest = EngineManifest.read(out)
+    assert (manifest.precision.vision, manifest.precision.decoder) == ("int8", "int8")
+    v = manifest.verification
+    assert v["reduced-precision identical answers"] == agreement.identical
+    assert v["reduced-precision calibration answers"] == agreement.answers == agreement.persons * agreement.keypoints
+    assert v["reduced-precision answer agreement"] == pytest.approx(agreement.identical / agreement.answers)
+    # the record is what the two engines answer, recounted independently
+    assert answer_agreement(fp32, out, calibration_scenes(2)) == agreement
+    manifest.verify_files(out)  # checksums of the quantized graphs
+
+    image, boxes = calibration_scenes(1, seed=9)[0]
+    res = Pose(out).locate(image, ["neck", "pelvis"], boxes=boxes)
+    assert len(res) == len(boxes)
+    xy = res.numpy()
+    assert xy.shape == (len(boxes), 2, 3) and np.isfinite(xy).all()
+
+
+@pytest.mark.slow  # three quantized engines, each gated on a calibration scene
+def test_gate_refuses_a_broken_quantization_and_leaves_no_engine(trained, tmp_path):
+    _, fp32 = trained[2]
+    intact = reduce_engine(fp32, tmp_path / "intact", decoder="int8", min_agreement=0.0, calibration_images=1)
+    assert intact.fraction > 0
+    broken = tmp_path / "broken"
+    with pytest.raises(EngineError, match="below the required"):
+        reduce_engine(
+            fp32,
+            broken,
+            decoder="int8",
+            min_agreement=intact.fraction,  # the intact quantization passes this bar by definition
+            calibration_images=1,
+            quantizers={"int8": _corrupt_first_weight_scale},
+        )
+    assert not broken.exists()
+    forced = reduce_engine(
+        fp32,
+        broken,
+        decoder="int8",
+        min_agreement=intact.fraction,
+        force=True,
+        calibration_images=1,
+        quantizers={"int8": _corrupt_first_weight_scale},
+    )
+    assert forced.fraction < intact.fraction
+    assert EngineManifest.read(broken).verification["reduced-precision forced"] == 1.0
+
+
+def test_bad_precision_arguments_are_refused(trained, tmp_path):
+    _, fp32 = trained[2]
+    with pytest.raises(ArgumentError, match="decoder precision"):
+        reduce_engine(fp32, tmp_path / "x", decoder="int3")
+    with pytest.raises(ArgumentError, match="min_agreement"):
+        reduce_engine(fp32, tmp_path / "x", decoder="int8", min_agreement=1.5)
+    assert not (tmp_path / "x").exists()
