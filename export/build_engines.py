@@ -4,6 +4,7 @@
     python export/build_engines.py --checkpoint CKPT --output ENGINE --targets onnx,tensorrt,trtllm --precision fp16
     python export/build_engines.py --checkpoint CKPT --output ENGINE --targets tensorrt,trtllm --dry-run
     python export/build_engines.py --checkpoint CKPT --output ENGINE --decoder-precision int8 [--min-agreement 0.95]
+    python export/build_engines.py --checkpoint CKPT --output ENGINE --targets triton [--triton-repository DIR]
 
 onnx: merges LoRA (fp32, checked), exports the vision tower and the decoder step to ONNX,
 writes the embedding table, tokenizer, descriptions and manifest.json, and verifies the
@@ -18,6 +19,10 @@ plan of the vision tower (parity-gated against vision.onnx) and a TensorRT-LLM e
 decoder, added to the engine directory as backends.tensorrt. They build on the ONNX target:
 without ``onnx`` in --targets an existing ONNX engine directory at --output is extended.
 --dry-run prints the exact plan and builds nothing (no GPU, TensorRT or ONNX export needed).
+
+triton: a Triton Inference Server model repository for the engine's TensorRT build (an ensemble
+of a Python preprocessing model, the vision plan and the tensorrtllm backend; see docs/gpu.md),
+written after the other targets to --triton-repository (default: ENGINE-triton next to it).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 for _sub in ("export", "training", "sdk"):
     sys.path.insert(0, str(_ROOT / _sub))  # run from a clone without install
 
-TARGETS = ("onnx", "tensorrt", "trtllm")
+TARGETS = ("onnx", "tensorrt", "trtllm", "triton")
 
 
 def _vision_batch(text: str) -> tuple[int, int, int]:
@@ -90,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--workspace-gib", type=float, default=d.workspace_gib)
     gpu.add_argument("--calib-dataset", default=d.calib_dataset, help="fp8 calibration dataset (TensorRT-LLM)")
     gpu.add_argument("--calib-size", type=int, default=d.calib_size)
+    ap.add_argument("--triton-repository", type=Path, help="triton target: the model repository to write")
     return ap
 
 
@@ -105,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the tensorrt backend needs both targets: pass --targets tensorrt,trtllm (with onnx if not built yet)")
     if args.dry_run and not nvidia:
         ap.error("--dry-run prints the TensorRT/TensorRT-LLM plan: add --targets tensorrt,trtllm")
+    if targets == ["triton"]:  # reads the manifest only: no exporter (torch) import
+        if any((args.precision, args.vision_precision, args.decoder_precision)):
+            ap.error("precision flags apply to the onnx, tensorrt and trtllm targets, not to triton alone")
+        return _write_triton(args)
     onnx_precision, trt_precision = _split_precisions(ap, args, "onnx" in targets, bool(nvidia))
 
     if nvidia:
@@ -174,6 +184,22 @@ def main(argv: list[str] | None = None) -> int:
             f"  decoder precision {opts.precision}: run benchmarks/parity.py --checkpoint "
             f"{args.checkpoint} --engine {args.output} for its parity report"
         )
+    return _write_triton(args) if "triton" in targets else 0
+
+
+def _write_triton(args) -> int:
+    """The Triton model repository of the engine at --output (its manifest's TensorRT build)."""
+    from locllm_export.triton import write_repository
+    from locllm_sdk.errors import EngineError
+    from locllm_sdk.manifest import read_manifest
+
+    out = args.triton_repository or args.output.with_name(args.output.name + "-triton")
+    try:
+        write_repository(args.output, read_manifest(args.output), out, overwrite=args.overwrite)
+    except (EngineError, FileExistsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"triton model repository written to {out} (ensemble 'locllm')")
     return 0
 
 
