@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -87,3 +89,23 @@ def test_bad_precision_arguments_are_refused(trained, tmp_path):
     with pytest.raises(ArgumentError, match="min_agreement"):
         reduce_engine(fp32, tmp_path / "x", decoder="int8", min_agreement=1.5)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # two engine builds
+def test_build_engines_gates_the_reduced_engine(trained, tmp_path, capsys):
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parent.parent / "export" / "build_engines.py"))["main"]
+    ckpt, _ = trained[2]
+    out = tmp_path / "engine"
+    argv = ["--checkpoint", str(ckpt), "--output", str(out), "--decoder-precision", "int8", "--calibration-images", "1"]
+    rc = main([*argv, "--min-agreement", "1.0"])
+    if rc == 1:  # refused: the message says why and no directory (nor a partial one) is left
+        assert "below the required 100.0%" in capsys.readouterr().err
+        assert not list(tmp_path.iterdir())
+    else:  # every calibration answer was identical
+        assert rc == 0 and EngineManifest.read(out).verification["reduced-precision answer agreement"] == 1.0
+    assert main([*argv, "--min-agreement", "0.0", "--overwrite"]) == 0
+    manifest = EngineManifest.read(out)
+    assert (manifest.precision.vision, manifest.precision.decoder) == ("fp32", "int8")
+    assert manifest.verification["reduced-precision min agreement"] == 0.0
