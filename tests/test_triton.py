@@ -217,6 +217,20 @@ def test_every_ensemble_step_reads_what_exists_and_the_outputs_are_produced(repo
         assert name in available and produced_dtype[name] == one(t, "data_type")
 
 
+def test_configs_parse_as_tritons_model_config(repo):
+    """Where Triton's own schema is installed (tritonclient[grpc]), every config parses into it:
+    each field name, enum value and nesting is one Triton knows."""
+    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    out, configs = repo
+    for name in configs:
+        parsed = text_format.Parse((out / name / triton.CONFIG).read_text(), mc.ModelConfig())
+        assert parsed.name == name
+    ensemble = text_format.Parse((out / triton.ENSEMBLE / triton.CONFIG).read_text(), mc.ModelConfig())
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step][-1] == triton.DECODER
+
+
 def test_a_manifest_without_a_tensorrt_build_is_refused(engine, tmp_path):
     engine_dir, manifest = engine
     onnx_only = dataclasses.replace(manifest, backends={k: v for k, v in manifest.backends.items() if k != TENSORRT})
