@@ -206,8 +206,7 @@ def _write_triton(args) -> int:
 def _split_precisions(ap: argparse.ArgumentParser, args, onnx: bool, nvidia: bool):
     """(PrecisionOptions for the ONNX graphs, BuildOptions precision fields for TensorRT): each
     precision flag goes to the target family whose precisions include its value."""
-    from locllm_export.build import PrecisionOptions
-    from locllm_export.quantize import PRECISIONS
+    from locllm_export.quantize import PRECISIONS, PrecisionOptions
     from locllm_export.tensorrt_plan import DECODER_PRECISIONS, VISION_PRECISIONS
 
     flags = {"--precision": args.precision, "--vision-precision": args.vision_precision}

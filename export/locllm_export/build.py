@@ -33,7 +33,7 @@ from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, e
 from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
 from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
-from .quantize import DEFAULT_MIN_AGREEMENT, reduce_engine
+from .quantize import PrecisionOptions, reduce_engine
 
 MERGE_TOLERANCE = 1e-4  # relative to the output scale
 GRAPH_TOLERANCE = 1e-4
@@ -207,22 +207,6 @@ def _parent_sha256(checkpoint: Path) -> list[str]:
         checkpoint = checkpoint / ref["path"]
         config = checkpoint / "config.json"
     return chain
-
-
-@dataclass(frozen=True)
-class PrecisionOptions:
-    """Reduced precision of the vision and decoder graphs (``quantize.PRECISIONS``), applied
-    after the fp32 engine is verified and gated on the calibration answers' agreement."""
-
-    vision: str = "fp32"
-    decoder: str = "fp32"
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
-    force: bool = False
-    calibration_images: int = 20
-
-    @property
-    def reduced(self) -> bool:
-        return (self.vision, self.decoder) != ("fp32", "fp32")
 
 
 def build_onnx_engine(

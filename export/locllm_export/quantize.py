@@ -53,6 +53,22 @@ QUANTIZERS: dict[str, Quantizer] = {"int8": quantize_graph_int8}
 
 
 @dataclass(frozen=True)
+class PrecisionOptions:
+    """Reduced precision of the vision and decoder graphs (``quantize.PRECISIONS``), applied
+    after the fp32 engine is verified and gated on the calibration answers' agreement."""
+
+    vision: str = "fp32"
+    decoder: str = "fp32"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    force: bool = False
+    calibration_images: int = 20
+
+    @property
+    def reduced(self) -> bool:
+        return (self.vision, self.decoder) != ("fp32", "fp32")
+
+
+@dataclass(frozen=True)
 class Agreement:
     identical: int
     answers: int
