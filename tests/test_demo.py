@@ -182,6 +182,14 @@ def test_bundled_3d_model_loads_through_its_parent_and_answers_depth(tmp_path):
     """demo3d stores only its differences from demo: it loads, and answers [x,y,z]."""
     from locllm_sdk.demo import run_demo
 
-    r = run_demo(seed=11, persons=(2, 2), out=tmp_path / "demo3d.png", model="demo3d", backend="torch")
+    r = run_demo(
+        seed=11,
+        persons=(2, 2),
+        out=tmp_path / "demo3d.png",
+        model="demo3d",
+        backend="torch",
+        detector=None,
+        eval_images=0,
+    )
     assert r["persons"] == 2
     assert np.isfinite(r["depth_error_mm"]) and np.isfinite(r["depth_error_blind_mm"])

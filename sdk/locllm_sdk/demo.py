@@ -19,8 +19,9 @@ import numpy as np
 from .errors import BackendUnavailable
 from .filecache import cache_dir
 from .loader import read_config
-from .manifest import GRAPH_REVISION, MANIFEST, read_manifest
+from .manifest import GRAPH_REVISION, MANIFEST, TORCH, TORCH_CUDA, read_manifest
 
+TORCH_BACKENDS = (TORCH, TORCH_CUDA)
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 _WHOLE_FILE_LIMIT = 256 * 2**20  # larger weight files are keyed by name, size and mtime
 
@@ -194,7 +195,9 @@ def run_demo(
 
     checkpoint = resolve_model(model)
     novel = held_out_keypoints(checkpoint)
-    pose = Pose(engine_for(checkpoint), backend=backend)
+    # the torch backends run the checkpoint itself: a cached engine records the path it was built
+    # from, which may be another copy of the same checkpoint, since moved or deleted
+    pose = Pose(checkpoint if backend in TORCH_BACKENDS else engine_for(checkpoint), backend=backend)
     sample = generate_sample(seed, 0, size, persons, "test")  # the test split: never trained on
     image = np.ascontiguousarray(sample.image[:, :, ::-1])  # renderer's BGR -> RGB
     coco = list(pose.library.skeletons["coco17"].keypoints)
