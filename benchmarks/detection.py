@@ -27,8 +27,7 @@ from locllm_sdk.crop import load_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from locllm_sdk.demo import engine_for, resolve_model
-    from locllm_sdk.loader import ENGINE, model_kind
+    from locllm_sdk.demo import model_path
     from locllm_sdk.person_detector import PersonDetector
     from locllm_sdk.pose import Pose
     from locllm_sdk.topdown_eval import BOX_AP_THRESHOLD, evaluate_top_down
@@ -44,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = read_coco(args.gt)
     folder = guess_image_dir(Path(args.gt), doc)
     images = doc["images"][: args.limit]
-    path = resolve_model(args.model)
-    pose = Pose(path if model_kind(path) == ENGINE else engine_for(path))
+    pose = Pose(model_path(args.model))
     detector = PersonDetector(args.detector, score_threshold=BOX_AP_THRESHOLD)
     pairs = ((im["id"], load_image(folder / im["file_name"], exif_orientation=False)) for im in images)
     r = evaluate_top_down(pose, detector, pairs, doc, pose_threshold=args.pose_threshold)

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sdk"))
 
 from locllm_sdk.coco_files import read_coco  # noqa: E402
-from locllm_sdk.demo import engine_for, resolve_model  # noqa: E402
-from locllm_sdk.loader import CONFIDENCE_FIELD, ENGINE, model_kind, read_config  # noqa: E402
+from locllm_sdk.demo import model_path  # noqa: E402
+from locllm_sdk.loader import CONFIDENCE_FIELD, read_config  # noqa: E402
 from locllm_sdk.pose import Pose  # noqa: E402
 from locllm_sdk.predict import predict_coco  # noqa: E402
 from locllm_training.calibration import calibration_of, correctness, name_of, report  # noqa: E402
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="first N images of each file")
     ap.add_argument("--write-config", type=Path, help="checkpoint whose config.json records the fit")
     args = ap.parse_args(argv)
-    path = resolve_model(args.model)
-    pose = Pose(path if model_kind(path) == ENGINE else engine_for(path))
+    pose = Pose(model_path(args.model))
     (scores, correct), n = scored(pose, args.fit, args.limit)
     cal = calibration_of(scores, correct, name_of(args.fit, n))
     out = {

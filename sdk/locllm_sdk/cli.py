@@ -60,17 +60,10 @@ def _pose(args):
 
 
 def _model_path(args) -> Path:
-    """-m as a path Pose opens: an engine dir, a checkpoint's cached engine (the checkpoint
-    itself with --backend torch), the bundled demo model by default."""
-    from .demo import engine_for, resolve_model
-    from .loader import ENGINE, model_kind
+    """-m as a path Pose opens (``demo.model_path``): the bundled demo model by default."""
+    from .demo import model_path
 
-    path = resolve_model(args.model)
-    if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist")
-    if model_kind(path) != ENGINE and args.backend != "torch":
-        path = engine_for(path)
-    return path
+    return model_path(args.model, args.backend)
 
 
 def _locate_kwargs(args) -> dict:

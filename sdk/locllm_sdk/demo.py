@@ -55,6 +55,20 @@ def resolve_model(model: str | Path | None) -> Path:
     return Path(model)
 
 
+def model_path(model: str | Path | None, backend: str = "auto") -> Path:
+    """What ``Pose`` opens for a ``-m`` value (see ``resolve_model``): an engine directory as is,
+    a checkpoint's cached engine, or with a torch backend the checkpoint itself (a cached engine
+    records the path it was built from, which may be another, since deleted, copy)."""
+    from .loader import ENGINE, model_kind
+
+    path = resolve_model(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist")
+    if model_kind(path) == ENGINE or backend in TORCH_BACKENDS:
+        return path
+    return engine_for(path)
+
+
 def checkpoint_digest(checkpoint: str | Path) -> str:
     """Content key of a checkpoint, its delta parents' content included: a delta checkpoint
     whose parent was replaced must not be served the engine built from the old parent."""
@@ -195,9 +209,7 @@ def run_demo(
 
     checkpoint = resolve_model(model)
     novel = held_out_keypoints(checkpoint)
-    # the torch backends run the checkpoint itself: a cached engine records the path it was built
-    # from, which may be another copy of the same checkpoint, since moved or deleted
-    pose = Pose(checkpoint if backend in TORCH_BACKENDS else engine_for(checkpoint), backend=backend)
+    pose = Pose(model_path(checkpoint, backend), backend=backend)
     sample = generate_sample(seed, 0, size, persons, "test")  # the test split: never trained on
     image = np.ascontiguousarray(sample.image[:, :, ::-1])  # renderer's BGR -> RGB
     coco = list(pose.library.skeletons["coco17"].keypoints)
