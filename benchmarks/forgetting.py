@@ -2,11 +2,15 @@
 
     python benchmarks/forgetting.py --workdir runs/forgetting \
         --train-coco data/synthpose/annotations/person_keypoints_train.json \
-        --val-coco data/synthpose/annotations/person_keypoints_val.json [--steps 200] [--out benchmarks/results]
+        --val-coco data/synthpose/annotations/person_keypoints_val.json [--steps 150] [--out benchmarks/results]
 
-1. A 4-layer, 256-wide Llama (the demo model's LM shape, 32k vocabulary) is pretrained from
-   random weights on the Python documentation that ships with CPython (pydoc topics + stdlib
-   docstrings, PSF License 2.0; ``locllm_training.text_lm``), every 10th document held out.
+1. A 4-layer, 256-wide Llama (the demo model's LM shape, 32k vocabulary) is pretrained on
+   the Python documentation that ships with CPython (pydoc topics + stdlib docstrings, PSF
+   License 2.0; ``locllm_training.text_lm``), every 10th document held out. ``--base demo``
+   (default) starts it from the demo model's own LM (LoRA merged), which then learns text
+   and loses the keypoint protocol (measured: PCK of the base); ``--base scratch`` from
+   random weights (an LM that never saw an image token: see benchmarks/README.md for what
+   that gave in a short fine-tune).
 2. It replaces the bundled demo model's LM; the demo's ViT (its LoRA merged, then frozen)
    and projector (trainable) stay. Three variants are fine-tuned on SynthPose keypoint
    conversations with the same data order, steps, batch and learning rate, at matched
@@ -43,7 +47,7 @@ VARIANTS = {
 EXPERTS, TOP_K = 4, 2
 
 
-def build_text_lm(workdir: Path, tokenizer, epochs: float, lr: float):
+def build_text_lm(workdir: Path, tokenizer, epochs: float, lr: float, base: str):
     """The pretrained text LM (cached), its held-out blocks and facts."""
     import torch
     from locllm_training.presets import PRESETS
@@ -59,9 +63,11 @@ def build_text_lm(workdir: Path, tokenizer, epochs: float, lr: float):
         model = LlamaForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).eval()
         facts = json.loads(facts_file.read_text())
     else:
-        print(f"pretraining the text LM on {len(train_blocks)} blocks of {LM_BLOCK} tokens ...", flush=True)
-        model, seconds = pretrain(PRESETS["demo"]["llm"], train_blocks, lm_dir, epochs=epochs, lr=lr)
+        start = demo_lm_state() if base == "demo" else None
+        print(f"pretraining the text LM ({base}) on {len(train_blocks)} blocks of {LM_BLOCK} tokens ...", flush=True)
+        model, seconds = pretrain(PRESETS["demo"]["llm"], train_blocks, lm_dir, epochs=epochs, lr=lr, start=start)
         facts = {
+            "base": base,
             "corpus": corpus.facts,
             "tokens": {"train": int(train_blocks.numel()), "heldout": int(heldout.numel())},
             "epochs": epochs,
@@ -70,9 +76,29 @@ def build_text_lm(workdir: Path, tokenizer, epochs: float, lr: float):
             "heldout_perplexity": perplexity(model, heldout),
             "train_perplexity_sample": perplexity(model, train_blocks[:: max(1, len(train_blocks) // 128)]),
         }
+        if start is not None:  # the demo's LM before it read any text
+            facts["start_heldout_perplexity"] = perplexity(pretrain_start(start), heldout)
         model.save_pretrained(lm_dir)
         facts_file.write_text(json.dumps(facts, indent=2) + "\n")
     return model, heldout, facts
+
+
+def demo_lm_state() -> dict:
+    """The demo model's LM (its LoRA merged) as LlamaForCausalLM state-dict keys."""
+    from locllm_training.model import load_checkpoint, merge_lora
+
+    llm = merge_lora(load_checkpoint(DEMO, with_lora=True)).llm
+    return {k: v.float() for k, v in llm.state_dict().items()}
+
+
+def pretrain_start(state: dict):
+    from locllm_training.presets import PRESETS
+    from locllm_training.text_lm import llama_config
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(llama_config(PRESETS["demo"]["llm"]))
+    model.load_state_dict(state, strict=False)
+    return model.eval()
 
 
 def make_init(text_lm, output: Path, rank: int, alpha: int) -> Path:
@@ -176,6 +202,24 @@ def keypoint_batches(checkpoint: Path, val_coco: str, persons: int = 32, batch: 
     return [collate(items[i : i + batch], tok.spec.pad_id) for i in range(0, len(items), batch)]
 
 
+def keypoint_pck(checkpoint: Path, val_coco: str, cache: Path) -> float:
+    """PCK@0.1 of ``checkpoint`` on all val people (the 17 COCO joints), as train.py's final validation."""
+    if not cache.is_file():
+        from locllm_sdk.descriptions import DescriptionLibrary
+        from locllm_sdk.protocol import PromptTokenizer
+        from locllm_training.data import load_coco
+        from locllm_training.model import load_checkpoint
+        from locllm_training.train import evaluate_pck
+
+        records = load_coco(val_coco)
+        library = DescriptionLibrary.load()
+        names = [n for n in records[0].names if n in library and n not in ("neck", "pelvis")][:17]
+        model = load_checkpoint(checkpoint)
+        result = evaluate_pck(model, PromptTokenizer.from_dir(checkpoint), records, names, library)
+        cache.write_text(json.dumps(result, indent=2) + "\n")
+    return json.loads(cache.read_text())["pck"]
+
+
 def run_variant(name: str, init: Path, workdir: Path, args) -> dict:
     from locllm_training.train import DataSource, TrainConfig, run
 
@@ -216,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--train-coco", required=True)
     ap.add_argument("--val-coco", required=True)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--pretrain-epochs", type=float, default=2.0)
-    ap.add_argument("--pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--base", choices=("demo", "scratch"), default="demo", help="the text LM's starting weights")
+    ap.add_argument("--pretrain-epochs", type=float, default=1.0)
+    ap.add_argument("--pretrain-lr", type=float, help="default 1e-3 from the demo's LM, 2e-3 from scratch")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     ap.add_argument("--out", type=Path, help="write forgetting_demo.json here")
     args = ap.parse_args(argv)
@@ -232,13 +277,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     tok = PromptTokenizer.from_dir(DEMO)
-    text_lm, heldout, lm_facts = build_text_lm(args.workdir, tok, args.pretrain_epochs, args.pretrain_lr)
+    lr = args.pretrain_lr or (1e-3 if args.base == "demo" else 2e-3)
+    text_lm, heldout, lm_facts = build_text_lm(args.workdir, tok, args.pretrain_epochs, lr, args.base)
     before = lm_facts["heldout_perplexity"]
+    base_pck = None
     print(f"text LM: held-out perplexity {before:.2f} ({lm_facts['seconds']:.0f} s of pretraining)", flush=True)
     rows = {}
     for name in [v for v in args.variants.split(",") if v]:
         _, _, rank, alpha = VARIANTS[name]
         init = make_init(text_lm, args.workdir / f"init-r{rank}", rank, alpha)
+        if base_pck is None:  # every init answers as the text LM (fresh adapters add zero)
+            base_pck = keypoint_pck(init, args.val_coco, args.workdir / "base_pck.json")
+            print(f"PCK@0.1 of the text LM in the demo model, before keypoint tuning: {base_pck:.3f}", flush=True)
         trained = run_variant(name, init, args.workdir, args)
         model = load_checkpoint(args.workdir / name / "final", with_lora=True).float()
         row = {
@@ -248,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainable": trainable_parameters(model),
             "heldout_perplexity_before": before,
             "heldout_perplexity_after": perplexity(model.llm, heldout),
+            "pck@0.1_before": base_pck,
             "pck@0.1": trained["pck"],
             "train_seconds": trained["train_seconds"],
             "seconds_per_step": round(trained["train_seconds"] / args.steps, 2),
@@ -260,13 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
-    print("\n| variant | trainable (adapter + projector) | held-out ppl before -> after | PCK@0.1 | s/step |")
+    print(
+        "\n| variant | trainable (adapter + projector) | held-out ppl before -> after | PCK@0.1 before -> after "
+        "| s/step |"
+    )
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         t = r["trainable"]
         print(
             f"| {name} | {t['adapter']:,} + {t['projector']:,} | {r['heldout_perplexity_before']:.2f} -> "
-            f"{r['heldout_perplexity_after']:.2f} | {r['pck@0.1']:.3f} | {r['seconds_per_step']} |"
+            f"{r['heldout_perplexity_after']:.2f} | {r['pck@0.1_before']:.3f} -> {r['pck@0.1']:.3f} | "
+            f"{r['seconds_per_step']} |"
         )
     for name, r in rows.items():
         if r.get("zero_expert_share"):

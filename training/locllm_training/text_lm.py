@@ -140,13 +140,19 @@ def pretrain(
     batch_size: int = 16,
     lr: float = 2e-3,
     seed: int = 0,
+    start: dict[str, torch.Tensor] | None = None,
 ):
-    """A randomly initialised Llama (``llm_fields``: HF LlamaConfig fields) trained with the HF
-    Trainer on ``blocks`` (next-token loss); returns (model, seconds)."""
+    """A Llama (``llm_fields``: HF LlamaConfig fields), randomly initialised or from the
+    ``start`` state dict, trained with the HF Trainer on ``blocks`` (next-token loss);
+    returns (model, seconds)."""
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
     model = LlamaForCausalLM(llama_config(llm_fields))
+    if start is not None:
+        missing, unexpected = model.load_state_dict(start, strict=False)
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise ValueError(f"start weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
     steps = math.ceil(len(blocks) * epochs / batch_size)
     args = TrainingArguments(
         output_dir=str(output / "trainer"),
