@@ -1,7 +1,10 @@
 """MoE LoRA with a zero expert (training/locllm_training/moe_lora.py): the zero expert adds
-exactly nothing, routing and load balancing on hand-made gates, top-k renormalisation, and
-a tiny MoE checkpoint that trains, saves, loads and is refused by the (merging) exporter."""
+exactly nothing, routing and load balancing on hand-made gates, top-k renormalisation, the
+dense (exported) computation against the per-expert one, a tiny MoE checkpoint that trains,
+saves and loads, and its unmerged engine: the manifest's adapter record, the gate in both
+decoder graphs, ONNX Runtime answering as the torch backend does."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from locllm_sdk.errors import ArgumentError, CheckpointError
-from locllm_training.model import LocLLM, load_checkpoint, merge_lora, save_checkpoint, to_moe_lora
+from locllm_training.model import LocLLM, load_checkpoint, merge_lora, save_checkpoint, to_llm_lora, to_moe_lora
 from locllm_training.moe_lora import (
     MoeLoraLinear,
     MoeLoraSettings,
@@ -120,6 +123,49 @@ def test_settings_are_checked():
         apply_moe_lora(nn.Sequential(nn.ReLU()), ["q_proj"], MoeLoraSettings(), r=2, alpha=4)
 
 
+def per_expert_reference(layer: MoeLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """The mixture computed expert by expert: each expert on the tokens that chose it, its
+    weighted output added back at their rows (the sparse form of the same sum)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    routing = route(layer.lora_gate(tokens), layer.settings.top_k)
+    out = layer.base_layer(tokens)
+    for e in range(layer.settings.experts):
+        token_idx, slot = torch.where(routing.chosen == e)
+        h = tokens[token_idx] @ layer.lora_experts_A[e].T @ layer.lora_experts_B[e].T
+        out = out.index_add(0, token_idx, routing.weights[token_idx, slot].unsqueeze(-1) * layer.scaling * h)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        MoeLoraSettings(experts=3, top_k=2, zero_expert=True),
+        MoeLoraSettings(experts=4, top_k=1, zero_expert=True),
+        MoeLoraSettings(experts=2, top_k=2, zero_expert=False),
+    ],
+)
+def test_dense_mixture_equals_the_per_expert_sum_values_and_gradients(settings):
+    torch.manual_seed(5)
+    dense = MoeLoraLinear(nn.Linear(16, 12), settings, r=3, alpha=6).eval()
+    with torch.no_grad():
+        dense.lora_experts_B.normal_()
+        dense.lora_gate.weight.normal_()  # a spread gate: every choice gets tokens
+    sparse = copy.deepcopy(dense)
+    x = torch.randn(4, 10, 16)
+    got, want = dense(x), per_expert_reference(sparse, x)
+    chosen = dense.last_routing.chosen
+    assert len(chosen.unique()) == settings.choices  # the sum saw every expert (and the zero one)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - dense.base_layer(x)).abs().max() > 0.1
+    # the same gradients (what training follows), the gate's through the renormalised weights
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for name in ("lora_experts_A", "lora_experts_B", "lora_gate.weight", "lora_gate.bias"):
+        g_dense, g_sparse = dense.get_parameter(name).grad, sparse.get_parameter(name).grad
+        assert g_sparse.abs().max() > 0, name
+        torch.testing.assert_close(g_dense, g_sparse, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_config():
     from locllm_training.init import preset_config
@@ -167,6 +213,25 @@ def test_lm_routed_only_to_zero_expert_gives_base_hidden_states_bit_for_bit(tiny
     assert (hidden(moe) - reference).abs().max() > 1e-3
 
 
+def test_to_llm_lora_gives_a_fresh_lora_of_another_rank_with_the_same_outputs(tiny_config):
+    from locllm_training.init import random_model
+
+    base = random_model(tiny_config, seed=2)  # its LM LoRA has random B: folding it matters
+    plain = to_llm_lora(base, r=5, alpha=10).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        before, after = (m.llm.model(input_ids=ids).last_hidden_state for m in (base, plain))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # old LoRA folded in, new B = 0
+    lm = {n: p for n, p in plain.llm.named_parameters() if ".lora_" in n}
+    assert lm and all(p.shape[0] == 5 for n, p in lm.items() if ".lora_A." in n)
+    assert all(not p.any() for n, p in lm.items() if ".lora_B." in n)
+    assert plain.config.lora_llm.r == 5 and plain.config.lora_llm.scaling == 2.0
+    vision_lora = [n for n in plain.state_dict() if n.startswith("vision.") and ".lora_" in n]
+    assert vision_lora and all(torch.equal(plain.state_dict()[n], base.state_dict()[n]) for n in vision_lora)
+    with pytest.raises(CheckpointError, match="keep_moe=True"):  # an MoE LM cannot be folded into plain LoRA
+        to_llm_lora(to_moe_lora(base, MoeLoraSettings(experts=2, top_k=1)), r=4)
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
@@ -176,9 +241,7 @@ def synth(tmp_path_factory):
     return out / "annotations" / "person_keypoints_train.json"
 
 
-def test_moe_checkpoint_saves_loads_identically_and_export_refuses(tiny_checkpoint, tmp_path):
-    from locllm_export.build import build_onnx_engine
-
+def test_moe_checkpoint_saves_loads_identically_and_merges_only_the_vision_lora(tiny_checkpoint, tmp_path):
     torch.manual_seed(3)
     model = to_moe_lora(load_checkpoint(tiny_checkpoint), MoeLoraSettings(experts=3, top_k=2, zero_expert=True))
     with torch.no_grad():
@@ -194,13 +257,23 @@ def test_moe_checkpoint_saves_loads_identically_and_export_refuses(tiny_checkpoi
     ids = torch.cat([ids[:, :1], torch.full((2, model.config.num_patches), model.config.im_patch_token_id), ids], 1)
     pixels = torch.randn(2, 3, s, s)
     with torch.no_grad():
-        assert torch.equal(model(ids, pixels), back(ids, pixels))
-    # the exporter merges LoRA: it refuses the gated mixture and writes no engine
-    with pytest.raises(CheckpointError, match="not implemented yet"):
+        reference = back(ids, pixels)
+        assert torch.equal(model(ids, pixels), reference)
+    # the gated mixture cannot be folded into plain weights...
+    with pytest.raises(CheckpointError, match="keep_moe=True"):
         merge_lora(back)
-    with pytest.raises(CheckpointError, match="not implemented yet"):
-        build_onnx_engine(ckpt, tmp_path / "engine")
-    assert not (tmp_path / "engine").exists()
+    with pytest.raises(CheckpointError, match="keep_moe=True"):
+        load_checkpoint(ckpt, with_lora=False)
+    # ...but the ViT's LoRA can: the exporter's model keeps the LM's experts and gates as they are
+    kept = merge_lora(back, keep_moe=True)
+    assert not any(".lora_A" in k for k in kept.state_dict()) and len(moe_layers(kept.llm)) == len(moe_layers(back.llm))
+    assert not kept.config.lora_vision.enabled and kept.config.moe_llm == back.config.moe_llm
+    for a, b in zip(moe_layers(kept.llm), moe_layers(back.llm)):
+        for name in ("lora_experts_A", "lora_experts_B"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+        assert torch.equal(a.lora_gate.weight, b.lora_gate.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids, pixels), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_moe_checkpoint_trains_only_its_adapters(synth, tiny_checkpoint, tmp_path):
@@ -269,3 +342,135 @@ def test_moe_checkpoint_trains_only_its_adapters(synth, tiny_checkpoint, tmp_pat
     # plain LoRA training refuses the MoE checkpoint instead of ignoring its adapter
     with pytest.raises(ArgumentError, match="moe-lora"):
         run(TrainConfig(init=str(final), output=str(tmp_path / "plain"), train=cfg.train, steps=1))
+
+
+# -- the unmerged engine ---------------------------------------------------------------
+
+ENGINE_MOE = MoeLoraSettings(experts=3, top_k=2, zero_expert=True)
+
+
+@pytest.fixture(scope="module")
+def moe_engine(tmp_path_factory):
+    """A tiny MoE-LoRA checkpoint trained a few steps (experts' B non-zero, gates moved) and
+    its ONNX engine."""
+    from locllm_export.build import build_onnx_engine
+    from locllm_sdk.protocol import PromptTokenizer
+    from locllm_training.init import init_checkpoint, teach_format
+
+    root = tmp_path_factory.mktemp("moe-engine")
+    base = init_checkpoint("tiny", root / "base", seed=4, image_size=56)
+    model = to_moe_lora(load_checkpoint(base), ENGINE_MOE, r=4)
+    teach_format(model, PromptTokenizer.from_dir(base), steps=8, seed=4)
+    ckpt = save_checkpoint(model, base, root / "moe")
+    build_onnx_engine(ckpt, root / "engine")
+    return ckpt, root / "engine"
+
+
+def test_moe_engine_answers_as_the_torch_backend(moe_engine, monkeypatch):
+    import onnx
+    from locllm_export.build import GRAPH_TOLERANCE
+    from locllm_sdk import Pose
+    from locllm_sdk.manifest import read_manifest
+    from locllm_training.graphs import DecoderStep, empty_past
+
+    ckpt, engine = moe_engine
+    manifest = read_manifest(engine)
+    model = manifest.model
+    assert model.llm_adapter == "moe-lora" and model.moe_lora.experts == 3 and model.moe_lora.top_k == 2
+    assert model.moe_lora.zero_expert and model.moe_lora.rank == 4 and model.moe_lora.targets == ("q_proj", "v_proj")
+    assert manifest.precision.lora.startswith("vision merged")
+
+    ort_pose = Pose(engine, backend="onnxruntime")
+    torch_pose = Pose(ckpt, backend="torch")
+    layers = moe_layers(torch_pose.backend.model.llm)
+    assert len(layers) == 2 * model.num_layers
+    assert all(float(layer.lora_experts_B.detach().abs().min()) > 0 for layer in layers)  # trained: no expert is zero
+    # both decoder graphs hold the gate: one TopK per MoE layer (a merged LoRA has none)
+    for name in ("decoder.onnx", "decoder_shared.onnx"):
+        graph = onnx.load(str(engine / name), load_external_data=False).graph
+        assert sum(node.op_type == "TopK" for node in graph.node) == len(layers), name
+
+    # the mixture is alive: the experts move the logits well beyond what verification tolerates
+    llm = torch_pose.backend.model.llm
+    dead = copy.deepcopy(llm)
+    for layer in moe_layers(dead):
+        layer.lora_experts_B.data.zero_()
+    torch.manual_seed(0)
+    feeds = (torch.randn(2, 5, model.hidden_size), torch.ones(2, 5, dtype=torch.int64))
+    feeds += (torch.arange(5).repeat(2, 1), torch.tensor([[4], [3]]))
+    with torch.no_grad():
+        live = DecoderStep(llm)(*feeds, *empty_past(llm.config, 2))[0]
+        base = DecoderStep(dead)(*feeds, *empty_past(dead.config, 2))[0]
+    assert float((live - base).abs().max() / live.abs().max()) > 10 * GRAPH_TOLERANCE
+
+    # routing of the answer passes (every shared pass after the suffixes' one) on torch
+    passes = []
+    forward_shared = torch_pose.backend.forward_shared
+
+    def recording(*args):
+        out = forward_shared(*args)
+        passes.append(torch.cat([layer.last_routing.chosen for layer in layers]))
+        return out
+
+    monkeypatch.setattr(torch_pose.backend, "forward_shared", recording)
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (180, 150, 3), dtype=np.uint8)
+    boxes = [[5, 10, 90, 150], [60, 20, 85, 155]]
+    on_ort = ort_pose.locate(image, "coco17", boxes=boxes)
+    on_torch = torch_pose.locate(image, "coco17", boxes=boxes)
+    answers = torch.cat(passes[1:])
+    with_zero = (answers == ENGINE_MOE.experts).any(dim=1)  # the zero expert is index E
+    assert len(passes) > 1 and bool(with_zero.any()) and not bool(with_zero.all()), with_zero.float().mean()
+
+    assert len(on_ort) == len(on_torch) == 2
+    for person_ort, person_torch in zip(on_ort, on_torch):
+        assert [kp.name for kp in person_ort] == [kp.name for kp in person_torch] and len(list(person_ort)) == 17
+        for a, b in zip(person_ort, person_torch):
+            assert (a.answer, a.x, a.y) == (b.answer, b.x, b.y), a.name
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+    # the answers are not one constant: the keypoint and the crop matter
+    assert len({kp.answer for person in on_ort for kp in person}) > 1
+
+
+def test_moe_engine_manifest_reads_back_and_checks_its_adapter_fields(moe_engine):
+    from locllm_sdk.errors import EngineError
+    from locllm_sdk.manifest import EngineManifest
+
+    data = json.loads((moe_engine[1] / "manifest.json").read_text())
+    assert EngineManifest.from_dict(data).to_dict() == data
+    broken = copy.deepcopy(data)
+    del broken["model"]["moe_lora"]
+    with pytest.raises(EngineError, match="'model.moe_lora' is missing"):
+        EngineManifest.from_dict(broken)
+    broken = copy.deepcopy(data)
+    broken["model"]["llm_adapter"] = "mixture"
+    with pytest.raises(EngineError, match="'model.llm_adapter' must be one of lora, moe-lora"):
+        EngineManifest.from_dict(broken)
+    broken = copy.deepcopy(data)
+    broken["model"]["moe_lora"]["top_k"] = "2"
+    with pytest.raises(EngineError, match="'model.moe_lora.top_k' must be an integer"):
+        EngineManifest.from_dict(broken)
+    broken = copy.deepcopy(data)
+    del broken["model"]["llm_adapter"]  # a moe_lora section on a plain (merged) engine
+    with pytest.raises(EngineError, match="'model.moe_lora' is given"):
+        EngineManifest.from_dict(broken)
+
+
+def test_plain_engine_manifest_reads_as_merged_lora_and_is_written_unchanged():
+    from locllm_sdk.manifest import EngineManifest
+
+    template = ROOT / "models" / "demo" / "engine_template"
+    manifest = EngineManifest.read(template)  # written before the adapter fields existed
+    assert manifest.model.llm_adapter == "lora" and manifest.model.moe_lora is None
+    assert json.dumps(manifest.to_dict(), indent=2) + "\n" == (template / "manifest.json").read_text()
+
+
+def test_tensorrt_build_refuses_an_moe_engine(moe_engine):
+    from locllm_export.tensorrt_build import build_tensorrt_targets
+    from locllm_export.tensorrt_plan import BuildOptions
+    from locllm_sdk.errors import EngineError
+
+    ckpt, engine = moe_engine
+    with pytest.raises(EngineError, match="moe-lora adapters, which the TensorRT-LLM build cannot hold"):
+        build_tensorrt_targets(engine, ckpt, BuildOptions())
+    assert not (engine / "tensorrt").exists()

@@ -21,7 +21,9 @@ from locllm_sdk.manifest import (
     VISION_OUTPUT,
     EngineManifest,
     ModelInfo,
+    MoeLoraInfo,
     OnnxRuntimeEntry,
+    Precision,
     TokenizerInfo,
     decoder_io_names,
     files_section,
@@ -30,7 +32,7 @@ from locllm_sdk.manifest import (
 )
 from locllm_sdk.protocol import PROTOCOL_VERSION, PromptTokenizer, build_grammar
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past, head_dim_of
-from locllm_training.model import TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
+from locllm_training.model import LLM_LORA_TARGETS, TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
 from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
 from .quantize import PrecisionOptions, reduce_engine
@@ -98,9 +100,10 @@ def check_merge(unmerged: LocLLM, merged: LocLLM) -> float:
 
 
 def verify_onnx(engine_dir: Path, merged: LocLLM, files: OnnxRuntimeEntry) -> dict:
-    """Run the exported graphs in ONNX Runtime against the merged torch model: the vision
-    tower on fixed crops; the decoder as a prefill from an empty cache then a multi-token
-    step on top of it with right padding (the runtime's exact pattern)."""
+    """Run the exported graphs in ONNX Runtime against the torch model they were exported
+    from (LoRA merged; an MoE-LoRA LM unmerged, its gate and experts live): the vision tower
+    on fixed crops; the decoder as a prefill from an empty cache then a multi-token step on
+    top of it with right padding (the runtime's exact pattern)."""
     import onnxruntime as ort
 
     vision = ort.InferenceSession(str(engine_dir / files.vision), providers=["CPUExecutionProvider"])
@@ -307,6 +310,27 @@ def _reduce_precision(tmp: Path, precision: PrecisionOptions, report: BuildRepor
     )
 
 
+# the manifest's precision.lora of an MoE-LoRA engine (a plain one keeps Precision's default)
+MOE_LORA_PRECISION = "vision merged-fp32, LM moe-lora unmerged-fp32"
+
+
+def _llm_adapter_facts(config) -> dict:
+    """ModelInfo's llm_adapter and moe_lora for a model config (plain LoRA: the defaults)."""
+    if config.llm_adapter != "moe-lora":
+        return {}
+    moe, lora = config.moe_llm, config.lora_llm
+    info = MoeLoraInfo(
+        experts=moe.experts,
+        top_k=moe.top_k,
+        zero_expert=moe.zero_expert,
+        rank=lora.r,
+        alpha=float(lora.alpha),
+        targets=tuple(LLM_LORA_TARGETS),
+        layers=None if lora.layers is None else tuple(lora.layers),
+    )
+    return {"llm_adapter": "moe-lora", "moe_lora": info}
+
+
 BUILD_STAGES = ("LoRA merge", "vision graph", "decoder graph", "cascade decoder graph", "verification")
 
 
@@ -327,7 +351,9 @@ def _write_engine(
     stage(0)
     torch.manual_seed(0)
     unmerged = load_checkpoint(checkpoint, with_lora=True)
-    merged = merge_lora(unmerged)
+    # an MoE-LoRA LM stays unmerged (its gate picks experts per token): the decoder graphs
+    # carry the gate and the experts, verified below against this same unmerged mixture
+    merged = merge_lora(unmerged, keep_moe=True)
     report.checks["LoRA merge max rel diff"] = check_merge(unmerged, merged)
     del unmerged
 
@@ -374,6 +400,7 @@ def _write_engine(
         + sum(p.numel() for p in merged.projector.parameters()),
         decoder_layer_parameters=sum(p.numel() for p in merged.llm.model.layers.parameters()),
         conversion_notes=tuple(notes or ()),
+        **_llm_adapter_facts(cfg),
     )
     spec = tokenizer.spec
     tokenizer_info = TokenizerInfo(
@@ -401,6 +428,7 @@ def _write_engine(
         model=model,
         tokenizer=tokenizer_info,
         backends={ORT_CPU: onnx_files},
+        precision=Precision(lora=MOE_LORA_PRECISION) if model.moe_lora else Precision(),
         files=files_section(tmp),
         protocol_version=PROTOCOL_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from locllm_sdk.backends import gpu_logic
+from locllm_sdk.errors import EngineError
 from locllm_sdk.manifest import TENSORRT, EngineManifest, files_section
 
 from .build import ExportVerificationError
@@ -316,6 +317,12 @@ def build_tensorrt_targets(engine_dir: str | Path, checkpoint: str | Path, opts:
 
     engine_dir, checkpoint = Path(engine_dir), Path(checkpoint)
     manifest = EngineManifest.read(engine_dir)
+    if manifest.model.llm_adapter != "lora":
+        raise EngineError(
+            f"{engine_dir}: its LM has {manifest.model.llm_adapter} adapters, which the TensorRT-LLM build cannot "
+            "hold (it merges LoRA into the weights); serve it with the ONNX backends (docs/gpu.md: "
+            "'TensorRT-LLM plan for MoE LoRA')"
+        )
     machine = probe_build_machine()
     facts = ModelFacts.from_manifest(engine_dir, manifest)
     out_dir = engine_dir / TRT_DIR

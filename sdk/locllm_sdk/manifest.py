@@ -202,6 +202,24 @@ class _Fields:
         return dict(v)
 
 
+def _one_of(f: _Fields, key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = f.str(key, default)
+    if value not in allowed:
+        raise f._bad(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _read_llm_adapter(f: _Fields) -> dict:
+    """``llm_adapter`` (absent: "lora", as in every engine before the field) and ``moe_lora``,
+    which must be there exactly for "moe-lora"."""
+    adapter = _one_of(f, "llm_adapter", LLM_ADAPTERS, "lora")
+    if (adapter == "moe-lora") != f.has("moe_lora"):
+        what = "is missing" if adapter == "moe-lora" else "is given"
+        raise f._bad("moe_lora", f"{what}, but the field 'llm_adapter' is {adapter!r}")
+    moe = MoeLoraInfo._read(f.obj("moe_lora")) if adapter == "moe-lora" else None
+    return {"llm_adapter": adapter, "moe_lora": moe}
+
+
 def _drop_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
@@ -214,6 +232,44 @@ def _drop_none(d: dict) -> dict:
 class FileEntry:
     bytes: int
     sha256: str
+
+
+# The LM adapters an engine may hold. "lora" is merged into the weights at export (engines
+# without the field are such); "moe-lora" stays unmerged in the decoder graphs (gate and experts).
+LLM_ADAPTERS = ("lora", "moe-lora")
+
+
+@dataclass(frozen=True)
+class MoeLoraInfo:
+    """The LM's MoE LoRA (``model.moe_lora`` when ``model.llm_adapter`` is "moe-lora"): per token
+    a gate picks ``top_k`` of ``experts`` LoRA experts (+ the parameter-free zero expert), on the
+    ``targets`` projections of the decoder blocks ``layers`` (None: all)."""
+
+    experts: int
+    top_k: int
+    zero_expert: bool
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    layers: tuple[int, ...] | None = None
+
+    @classmethod
+    def _read(cls, f: _Fields) -> MoeLoraInfo:
+        return cls(
+            experts=f.int("experts"),
+            top_k=f.int("top_k"),
+            zero_expert=f.bool("zero_expert"),
+            rank=f.int("rank"),
+            alpha=f.float("alpha"),
+            targets=f.strs("targets"),
+            layers=f.ints("layers", None),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return _drop_none(d)
 
 
 @dataclass(frozen=True)
@@ -245,6 +301,16 @@ class ModelInfo:
     vision_parameters: int | None = None
     decoder_layer_parameters: int | None = None
     conversion_notes: tuple[str, ...] = ()
+    llm_adapter: str = "lora"
+    moe_lora: MoeLoraInfo | None = None
+
+    def __post_init__(self):
+        if self.llm_adapter not in LLM_ADAPTERS:
+            raise EngineError(f"model.llm_adapter must be one of {LLM_ADAPTERS}, got {self.llm_adapter!r}")
+        if (self.llm_adapter == "moe-lora") != (self.moe_lora is not None):
+            raise EngineError(
+                f"model.llm_adapter {self.llm_adapter!r} needs a model.moe_lora section exactly when 'moe-lora'"
+            )
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -279,6 +345,7 @@ class ModelInfo:
             vision_parameters=f.int("vision_parameters", None),
             decoder_layer_parameters=f.int("decoder_layer_parameters", None),
             conversion_notes=f.strs("conversion_notes", ()),
+            **_read_llm_adapter(f),
         )
 
     def to_dict(self) -> dict:
@@ -287,6 +354,9 @@ class ModelInfo:
             d[k] = list(d[k])
         if not d["conversion_notes"]:
             del d["conversion_notes"]
+        if self.llm_adapter == "lora":  # merged: written as every engine before the field was
+            del d["llm_adapter"]
+        d["moe_lora"] = self.moe_lora.to_dict() if self.moe_lora else None
         return _drop_none(d)
 
 

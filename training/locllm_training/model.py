@@ -23,7 +23,7 @@ from locllm_sdk.protocol import PROTOCOL_VERSION
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
-from .moe_lora import MoeLoraSettings, apply_moe_lora, moe_balance_loss
+from .moe_lora import MoeLoraLinear, MoeLoraSettings, apply_moe_lora, moe_balance_loss
 
 CHECKPOINT_FORMAT = "locllm-sdk-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -228,19 +228,30 @@ class LocLLM(nn.Module):
 # -- LoRA merge ------------------------------------------------------------------------
 
 
-def merged_state_dict(model: LocLLM) -> dict[str, torch.Tensor]:
-    """State dict of the same model without LoRA: W + B @ A * alpha / r, computed in fp32."""
-    if model.has_lora and model.config.llm_adapter == "moe-lora":
+def _is_moe(model: LocLLM) -> bool:
+    return model.has_lora and model.config.llm_adapter == "moe-lora"
+
+
+def merged_state_dict(model: LocLLM, keep_moe: bool = False) -> dict[str, torch.Tensor]:
+    """State dict of the same model without LoRA: W + B @ A * alpha / r, computed in fp32.
+
+    An MoE-LoRA LM cannot be folded (its gate chooses experts per token): ``keep_moe`` keeps
+    its layers' tensors as they are (base, experts, gate) and merges the other LoRA (the
+    ViT's); without it such a model is a CheckpointError."""
+    if _is_moe(model) and not keep_moe:
         raise CheckpointError(
             "an MoE-LoRA model cannot be merged into plain weights (its gate chooses experts per token); "
-            "unmerged export of the gated mixture is not implemented yet"
+            "merge_lora(model, keep_moe=True) merges the ViT's LoRA and keeps the LM's mixture, as the exporter does"
         )
+    moe_prefixes = tuple(f"llm.{name}." for name, m in model.llm.named_modules() if isinstance(m, MoeLoraLinear))
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if ".lora_" in key:
+        if moe_prefixes and key.startswith(moe_prefixes):
+            out[key] = value
+        elif ".lora_" in key:
             continue
-        if ".base_layer." in key:
+        elif ".base_layer." in key:
             prefix, leaf = key.split(".base_layer.")
             new_key = f"{prefix}.{leaf}"
             if leaf == "weight":
@@ -256,9 +267,18 @@ def merged_state_dict(model: LocLLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_lora(model: LocLLM) -> LocLLM:
-    merged = LocLLM(model.config, with_lora=False)
-    missing, unexpected = merged.load_state_dict(merged_state_dict(model), strict=False)
+def merge_lora(model: LocLLM, keep_moe: bool = False) -> LocLLM:
+    """The model with its LoRA folded into the weights. ``keep_moe``: an MoE-LoRA LM stays
+    unmerged (the returned model has the mixture live and no other adapter; its config says
+    the ViT has no LoRA); a plain model is merged whole either way."""
+    if keep_moe and _is_moe(model):
+        config = dataclasses.replace(
+            model.config, lora_vision=dataclasses.replace(model.config.lora_vision, enabled=False)
+        )
+        merged = LocLLM(config, with_lora=True)
+    else:
+        merged = LocLLM(model.config, with_lora=False)
+    missing, unexpected = merged.load_state_dict(merged_state_dict(model, keep_moe), strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise CheckpointError(f"merge produced mismatched keys: missing={missing} unexpected={unexpected}")
@@ -271,19 +291,32 @@ def to_moe_lora(model: LocLLM, settings: MoeLoraSettings, r: int | None = None, 
     (fresh experts add zero). ``r``/``alpha`` per expert default to the LM's LoRA ones."""
     if model.config.llm_adapter == "moe-lora":
         raise CheckpointError("the model already has MoE LoRA on its LM")
+    return _with_new_llm_adapter(model, "moe-lora", settings, r, alpha)
+
+
+def to_llm_lora(model: LocLLM, r: int, alpha: int | None = None) -> LocLLM:
+    """The same model with a fresh plain LoRA of rank ``r`` on the LM's q/v (the LM's LoRA
+    folded into its base weights first; B starts at zero, so the outputs are the old ones).
+    ``alpha`` defaults to the LM's LoRA one."""
+    return _with_new_llm_adapter(model, "lora", None, r, alpha)
+
+
+def _with_new_llm_adapter(
+    model: LocLLM, adapter: str, settings: MoeLoraSettings | None, r: int | None, alpha: int | None
+) -> LocLLM:
     old = model.config.lora_llm
     lora = dataclasses.replace(old, r=r or old.r, alpha=alpha or old.alpha, enabled=True)
-    config = dataclasses.replace(model.config, llm_adapter="moe-lora", moe_llm=settings, lora_llm=lora)
-    moe = LocLLM(config, with_lora=True)
-    names = set(moe.state_dict())
+    config = dataclasses.replace(model.config, llm_adapter=adapter, moe_llm=settings, lora_llm=lora)
+    new = LocLLM(config, with_lora=True)
+    names = set(new.state_dict())
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
     state.update({k: v for k, v in merged_state_dict(model).items() if k.startswith("llm.")})
     state = {_to_model_key(k, names): v for k, v in state.items()}
-    missing, unexpected = moe.load_state_dict(state, strict=False)
+    missing, unexpected = new.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".lora_" not in k and not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise CheckpointError(f"MoE LoRA conversion mismatched keys: missing={missing} unexpected={unexpected}")
-    return moe.train(model.training)
+        raise CheckpointError(f"LM adapter conversion mismatched keys: missing={missing} unexpected={unexpected}")
+    return new.train(model.training)
 
 
 # -- checkpoint I/O --------------------------------------------------------------------

@@ -6,9 +6,20 @@ zero expert); the k most probable are kept and their weights renormalised over t
 
     y = base(x) + sum_{e in top-k, e != zero} w_e * B_e A_e dropout(x) * alpha / r
 
-The zero expert has no parameters: a token routed only to it gets ``base(x)`` unchanged (no
-addition at all, so bit for bit), which is how a token keeps the pretrained behaviour. B_e
-start at zero (as LoRA's B), so a fresh layer equals its base whatever the routing.
+The zero expert has no parameters: a token routed only to it gets ``base(x)`` unchanged, which
+is how a token keeps the pretrained behaviour. B_e start at zero (as LoRA's B), so a fresh
+layer equals its base whatever the routing.
+
+One computation serves training, the torch backend and the exported ONNX graphs
+(``mixture_delta``): dense, two matmuls over the experts stacked into one LoRA of rank E*r,
+with the per-token weights (zero for an expert not chosen, the zero expert's column dropped)
+applied between A and B. It has no data-dependent control flow, so the TorchScript ONNX
+exporter traces it (TopK, ScatterElements, two MatMuls), and the torch backend runs the very
+graph it is verified against. A token routed only to the zero expert gets a delta of exact
+zeros, so its output is ``base(x)`` bit for bit (x + 0.0 == x for every float but -0.0, which
+a Linear layer's output is not in practice). Computing every expert for every token costs
+E*r*(d_in + d_out) multiply-adds per token instead of k*r*(d_in + d_out): small beside the
+base layer's d_in*d_out while E*r stays a LoRA rank.
 
 Load balancing is Switch Transformer's auxiliary loss over all E + 1 choices, the zero
 expert included (it is a choice the balance should see like any other):
@@ -100,16 +111,33 @@ class MoeLoraLinear(nn.Module):
         # kept for inspection (routing shares), off the autograd graph
         self.last_routing = Routing(routing.probs.detach(), routing.chosen, routing.weights.detach())
         self.last_balance_loss = balance_loss(routing) if self.training else None
-        flat = out.reshape(-1, out.shape[-1])
-        dropped = self.lora_dropout(tokens)
-        for e in range(self.settings.experts):  # the zero expert (index E) is never computed
-            token_idx, slot = torch.where(routing.chosen == e)
-            if token_idx.numel() == 0:
-                continue
-            h = dropped[token_idx] @ self.lora_experts_A[e].T @ self.lora_experts_B[e].T
-            w = routing.weights[token_idx, slot].unsqueeze(-1).to(h.dtype)
-            flat = flat.index_add(0, token_idx, (w * self.scaling * h).to(flat.dtype))
-        return flat.reshape(out.shape)
+        delta = mixture_delta(
+            self.lora_dropout(tokens), routing, self.lora_experts_A, self.lora_experts_B, self.scaling
+        )
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+
+def expert_weights(routing: Routing, experts: int) -> torch.Tensor:
+    """[T, E]: each token's renormalised weight of every LoRA expert, zero where not chosen
+    (the zero expert, index E, is dropped: it contributes nothing)."""
+    t, choices = routing.probs.shape
+    dense = routing.weights.new_zeros(t, choices).scatter(1, routing.chosen, routing.weights)
+    return dense[:, :experts]
+
+
+def mixture_delta(
+    tokens: torch.Tensor, routing: Routing, experts_a: torch.Tensor, experts_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """sum_e w_e * B_e A_e x * scaling for tokens [T, d_in], experts A [E, r, d_in] and
+    B [E, d_out, r]: the experts stacked as one LoRA of rank E*r (A [E*r, d_in], B [d_out, E*r])
+    with each token's expert weights repeated over the r rows of its expert between the two
+    matmuls. Returns [T, d_out]."""
+    e, r, d_in = experts_a.shape
+    a = experts_a.reshape(e * r, d_in)
+    b = experts_b.permute(1, 0, 2).reshape(experts_b.shape[1], e * r)
+    weights = expert_weights(routing, e).to(tokens.dtype)  # [T, E]
+    per_rank = weights[:, :, None].expand(-1, -1, r).flatten(1)  # [T, E*r], expert-major as a's rows
+    return ((tokens @ a.T) * per_rank) @ b.T * scaling
 
 
 def apply_moe_lora(
