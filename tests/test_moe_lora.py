@@ -474,3 +474,22 @@ def test_tensorrt_build_refuses_an_moe_engine(moe_engine):
     with pytest.raises(EngineError, match="moe-lora adapters, which the TensorRT-LLM build cannot hold"):
         build_tensorrt_targets(engine, ckpt, BuildOptions())
     assert not (engine / "tensorrt").exists()
+
+
+@pytest.mark.slow
+def test_moe_serving_benchmark_smoke(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_serving.py"), "--preset", "tiny", "--reps", "1"]
+    cmd += ["--warmup", "0", "--backends", "ort", "--threads", "1", "--workdir", str(tmp_path / "work")]
+    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads((out / "moe_serving_tiny.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"plain-ort", "moe-ort"} and all(r["decoder_passes"] == 6 for r in rows.values())
+    assert all(r["p50_ms"] > 0 and r["cpu_p50_ms"] > 0 for r in rows.values())
+    # matched capacity: the plain rank is the one nearest the MoE count
+    plain, moe = rows["plain-ort"]["lm_adapter_parameters"], rows["moe-ort"]["lm_adapter_parameters"]
+    assert abs(plain - moe) / moe < 0.1 and result["plain_rank"] > result["moe"]["rank"]
+    layers = 2  # the tiny preset's LM: q and v of each layer carry a gate
+    for graph in ("decoder.onnx", "decoder_shared.onnx"):
+        assert result["graphs"]["moe"][graph]["TopK"] == 2 * layers and result["graphs"]["plain"][graph]["TopK"] == 0
