@@ -8,11 +8,13 @@
 
 onnx: merges LoRA (fp32, checked), exports the vision tower and the decoder step to ONNX,
 writes the embedding table, tokenizer, descriptions and manifest.json, and verifies the
-graphs in ONNX Runtime against PyTorch before the directory appears. With int8 graphs
-(--precision, --vision-precision, --decoder-precision) the verified fp32 graphs are quantized
-with ONNX Runtime's dynamic quantization (int8 MatMul/Gemm weights, KV cache fp32) and the
-engine appears only if the answers on rendered calibration scenes agree with the fp32 engine's
-(--min-agreement, --calibration-images; --force keeps it anyway); the manifest records both.
+graphs in ONNX Runtime against PyTorch before the directory appears. With reduced-precision
+graphs (--precision, --vision-precision, --decoder-precision: int8 = ONNX Runtime's dynamic
+quantization, int8 MatMul weights with the KV cache fp32; fp16-weights = float16-stored weights
+computed in fp32) the verified fp32 graphs are rewritten and the engine appears only if the
+answers on rendered calibration scenes agree with the fp32 engine's (--min-agreement,
+--calibration-images; --force keeps it anyway); the manifest records the precision, its method
+and the agreement.
 
 tensorrt,trtllm (on the NVIDIA GPU that will serve the engine; see docs/gpu.md): a TensorRT
 plan of the vision tower (parity-gated against vision.onnx) and a TensorRT-LLM engine of the
@@ -68,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     every = tuple(dict.fromkeys((*PRECISIONS, *DECODER_PRECISIONS, *VISION_PRECISIONS)))
     prec = ap.add_argument_group(
         "precision",
-        f"ONNX graphs: {', '.join(PRECISIONS)} (default fp32; int8 is parity-gated against the fp32 engine); "
+        f"ONNX graphs: {', '.join(PRECISIONS)} (default fp32; reduced ones are parity-gated against the fp32 engine); "
         f"TensorRT: decoder {', '.join(DECODER_PRECISIONS)}, vision {', '.join(VISION_PRECISIONS)} "
         f"(default {d.precision}/{d.vision_precision}). A value applies to the targets that have it.",
     )

@@ -1,17 +1,27 @@
-"""Reduced-precision engines: int8 graphs from ONNX Runtime's quantization, parity-gated."""
+"""Reduced-precision engines: int8 graphs from ONNX Runtime's quantization and float16-stored
+weights, parity-gated."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from locllm_export.quantize import answer_agreement, calibration_scenes, quantize_graph_int8, reduce_engine
+from locllm_export.quantize import (
+    FP16_MIN_ELEMENTS,
+    METHODS,
+    answer_agreement,
+    calibration_scenes,
+    quantize_graph_int8,
+    reduce_engine,
+    store_weights_fp16,
+)
 from locllm_sdk import Pose
 from locllm_sdk.errors import ArgumentError, EngineError
 from locllm_sdk.manifest import EngineManifest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 def _op_count(path, op: str) -> int:
@@ -38,6 +48,9 @@ def test_int8_engine_of_tiny_loads_answers_and_records_its_agreement(trained, tm
         assert _op_count(out / graph, "MatMulInteger") > 0, graph
     manifest = EngineManifest.read(out)
     assert (manifest.precision.vision, manifest.precision.decoder) == ("int8", "int8")
+    assert manifest.precision.vision_method == manifest.precision.decoder_method == METHODS["int8"]
+    # an fp32 engine's precision section has no method fields (written as before they existed)
+    assert set(json.loads((fp32 / "manifest.json").read_text())["precision"]) == {"vision", "decoder", "lora"}
     v = manifest.verification
     assert v["reduced-precision identical answers"] == agreement.identical
     assert v["reduced-precision calibration answers"] == agreement.answers == agreement.persons * agreement.keypoints
@@ -109,3 +122,51 @@ def test_build_engines_gates_the_reduced_engine(trained, tmp_path, capsys):
     manifest = EngineManifest.read(out)
     assert (manifest.precision.vision, manifest.precision.decoder) == ("fp32", "int8")
     assert manifest.verification["reduced-precision min agreement"] == 0.0
+
+
+def _large_float_initializers(path) -> dict[str, np.ndarray]:
+    return {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(path)).graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and np.prod(t.dims) >= FP16_MIN_ELEMENTS
+    }
+
+
+def test_fp16_weights_engine_stores_rounded_weights_and_passes_the_default_gate(trained, tmp_path):
+    _, fp32 = trained[2]
+    out = tmp_path / "fp16w"
+    # the default bar (0.99): weights rounded to float16, computed in fp32, keep the answers
+    agreement = reduce_engine(fp32, out, vision="fp16-weights", decoder="fp16-weights", calibration_images=2)
+    assert agreement.fraction >= 0.99
+    for graph in ("vision.onnx", "decoder.onnx", "decoder_shared.onnx"):
+        before, after = _large_float_initializers(fp32 / graph), _large_float_initializers(out / graph)
+        assert before and all(a.dtype == np.float16 for a in after.values()), graph
+        assert len(after) == len(before) == _op_count(out / graph, "Cast") - _op_count(fp32 / graph, "Cast")
+        for name, weights in before.items():  # each weight is its float16 rounding, under a new name
+            np.testing.assert_array_equal(after[name + "_fp16"], weights.astype(np.float16))
+        saved = (fp32 / graph).stat().st_size - (out / graph).stat().st_size
+        assert saved > 0.95 * 2 * sum(w.size for w in before.values())  # 2 of the 4 bytes of each element
+    manifest = EngineManifest.read(out)
+    assert manifest.precision.vision_method == METHODS["fp16-weights"]
+    assert manifest.verification["reduced-precision forced"] == 0.0
+    image, boxes = calibration_scenes(1, seed=9)[0]
+    a = Pose(fp32).locate(image, ["neck", "pelvis"], boxes=boxes)
+    b = Pose(out).locate(image, ["neck", "pelvis"], boxes=boxes)
+    assert len(a) == len(b) == len(boxes)
+    assert np.abs(a.numpy() - b.numpy()).max() < 0.05 * max(image.shape)
+
+
+def test_fp16_weights_refuses_a_weight_beyond_float16(tmp_path):
+    weights = np.ones((64, 32), np.float32)
+    weights[3, 4] = 1e5  # float16 tops out at 65504
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "g.onnx"))
+    with pytest.raises(EngineError, match="w reaches 100000, beyond float16"):
+        store_weights_fp16(tmp_path / "g.onnx", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

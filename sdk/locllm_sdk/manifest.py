@@ -505,6 +505,9 @@ class Precision:
     vision: str = "fp32"
     decoder: str = "fp32"
     lora: str = "merged-fp32"
+    # how a reduced-precision part was made (export's quantize.METHODS); empty (and not written) for fp32
+    vision_method: str = ""
+    decoder_method: str = ""
 
 
 @dataclass(frozen=True)
@@ -620,7 +623,7 @@ class EngineManifest:
             "created": self.created,
             "model": self.model.to_dict(),
             "tokenizer": self.tokenizer.to_dict(),
-            "precision": asdict(self.precision),
+            "precision": {k: v for k, v in asdict(self.precision).items() if v},
             "backends": {name: entry.to_dict() for name, entry in self.backends.items()},
             "built_with": self.built_with,
             "verification": self.verification,
