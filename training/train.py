@@ -7,7 +7,8 @@
 
 Stage 1 (--stage 1 --captions LLAVA.json --caption-images DIR) trains the projector on
 captions; stage 2 trains LoRA on both towers + the projector on keypoint conversations
-(--adapter moe-lora --experts E --top-k K [--zero-expert]: MoE LoRA on the LM's q/v instead).
+(--adapter moe-lora --experts E --top-k K [--zero-expert]: MoE LoRA on the LM's q/v instead;
+--protocol grouped: one body-part group per round, answers listing its joints in order).
 A run resumes from its last saved state in OUTPUT/trainer/ when restarted.
 """
 
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delta-of", help="write the final checkpoint as its differences from this checkpoint")
     ap.add_argument("--adapter", choices=("lora", "moe-lora"), help="the LM's adapter (default lora)")
     ap.add_argument("--zero-expert", action="store_true", help="MoE LoRA: add the zero expert (HMVLM)")
+    ap.add_argument(
+        "--protocol",
+        choices=("per-keypoint", "grouped"),
+        help="prompt protocol: one keypoint per round (default, the public checkpoints') or one body-part "
+        "group per round (locllm-grouped-v1); recorded in the checkpoint (default: the init's)",
+    )
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-augment", action="store_true")
     args = ap.parse_args(argv)
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "top_k",
         "expert_rank",
         "balance_weight",
+        "protocol",
     ):
         v = getattr(args, key)
         if v is not None:

@@ -16,6 +16,8 @@ namespace {
 
 constexpr const char *kFormat = "locllm-engine";
 constexpr int kFormatVersion = 1;
+// protocol.py's GROUPED_PROTOCOL_VERSION: body-part rounds, which this runtime does not ask
+constexpr const char *kGroupedProtocolVersion = "locllm-grouped-v1";
 
 using nlohmann::json;
 
@@ -141,6 +143,10 @@ Manifest Manifest::read(const std::string &engine_dir) {
   Manifest m;
   m.dir = engine_dir;
   const std::string protocol = f.str("protocol_version");
+  if (protocol == kGroupedProtocolVersion)
+    fail(LOCLLM_ENGINE_ERROR, source + ": engine protocol '" + protocol +
+                                  "' asks body-part groups (one answer per group), and this runtime asks one keypoint "
+                                  "per round ('" + kProtocolVersion + "'): serve this engine with the Python SDK");
   if (protocol != kProtocolVersion)
     fail(LOCLLM_ENGINE_ERROR, "engine protocol '" + protocol + "' differs from this runtime's '" + kProtocolVersion + "'");
   const Fields model = f.obj("model");

@@ -30,7 +30,7 @@ from locllm_sdk.manifest import (
     sha256_file,
     shared_step_io_names,
 )
-from locllm_sdk.protocol import PROTOCOL_VERSION, PromptTokenizer, build_grammar
+from locllm_sdk.protocol import PromptTokenizer, build_grammar
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past, head_dim_of
 from locllm_training.model import LLM_LORA_TARGETS, TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
@@ -430,7 +430,7 @@ def _write_engine(
         backends={ORT_CPU: onnx_files},
         precision=Precision(lora=MOE_LORA_PRECISION) if model.moe_lora else Precision(),
         files=files_section(tmp),
-        protocol_version=PROTOCOL_VERSION,
+        protocol_version=cfg.protocol_version,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         built_with=_versions(),
         verification={k: float(v) for k, v in report.checks.items()},

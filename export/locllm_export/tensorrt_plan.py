@@ -64,6 +64,12 @@ class ModelFacts:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, library=None) -> ModelFacts:
+        if spec.groups:
+            raise PlanError(
+                f"the TensorRT build serves one-keypoint rounds, and this model speaks the grouped protocol "
+                f"{spec.protocol_version!r}: build its ONNX engine (--targets onnx) and serve it with "
+                "onnxruntime-cuda or torch-cuda"
+            )
         return cls(
             image_size=spec.image_size,
             num_patches=spec.num_patches,

@@ -31,7 +31,7 @@ from pathlib import Path
 from locllm_sdk.engine_assembly import publish_directory
 from locllm_sdk.errors import EngineError
 from locllm_sdk.manifest import TENSORRT, EngineManifest, TensorRTEntry
-from locllm_sdk.protocol import MAX_NEW_TOKENS
+from locllm_sdk.protocol import MAX_NEW_TOKENS, PROTOCOL_VERSION
 
 ENSEMBLE = "locllm"
 PREPROCESSING = "locllm_preprocessing"
@@ -84,6 +84,11 @@ class RepositoryFacts:
 
     @classmethod
     def from_manifest(cls, engine_dir: str | Path, manifest: EngineManifest) -> RepositoryFacts:
+        if manifest.protocol_version != PROTOCOL_VERSION:
+            raise EngineError(
+                f"{engine_dir}: a Triton repository asks one keypoint per round (protocol {PROTOCOL_VERSION!r}), "
+                f"and this engine speaks {manifest.protocol_version!r}"
+            )
         try:
             entry = manifest.backend(TENSORRT)
         except EngineError as e:

@@ -10,6 +10,8 @@ For a batch of crops and (crop, keypoint) requests:
      pass (jump-forward), a pass runs only where a digit is free, and the digit is the
      argmax over the ten digit tokens. A 2D answer takes 6 decoder passes.
 ``decoding="free"`` is plain greedy over the full vocabulary, as the official eval runs it.
+A group answer (grouped protocol) is decoded the same way with its longer grammar and parsed
+with ``parse_group_answer``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import Backend
-from .protocol import AnswerGrammar, ParsedAnswer, PromptTokenizer, max_softmax, parse_answer
+from .protocol import AnswerGrammar, ParsedAnswer, PromptTokenizer, max_softmax, parse_answer, parse_group_answer
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,9 @@ def constrained_decode(
     answers = []
     for r in range(rows):
         ids = grammar.fill(digits[r].tolist())
+        if grammar.joints > 1:
+            answers.append(_parse_group(tokenizer, ids, conf[r], grammar.dims, grammar.joints))
+            continue
         text = tokenizer.decode(ids)
         # Official scores drop the last generated step; positions beyond the numbers are
         # never read, so the per-position confidences can be passed as they are.
@@ -203,12 +208,14 @@ def free_decode(
     dims: int,
     tokenizer: PromptTokenizer,
     shared: bool | None = None,
+    joints: int = 1,
 ) -> tuple[list[ParsedAnswer], DecodeStats]:
     """Greedy decoding over the full vocabulary with the official parse.
 
     As in the official eval, rows are decoded in groups (one person's keypoints): a group
     stops when all its rows produced EOS or after ``max_new_tokens``; finished rows are fed
-    the pad token; the last step's confidences are dropped.
+    the pad token; the last step's confidences are dropped. ``joints`` > 1: every row is a
+    group answer of that many joints (``parse_group_answer``).
     """
     rows = len(suffixes)
     eos, pad = tokenizer.spec.eos_id, tokenizer.spec.pad_id
@@ -236,6 +243,14 @@ def free_decode(
     answers = []
     for r in range(rows):
         n_steps = group_steps[group_of_row[r]]
+        if joints > 1:
+            answers.append(_parse_group(tokenizer, tokens[r, :n_steps].tolist(), conf[r, : n_steps - 1], dims, joints))
+            continue
         text = tokenizer.decode(tokens[r, :n_steps].tolist())
         answers.append(parse_answer(text, conf[r, : n_steps - 1], dims))
     return answers, DecodeStats(state.passes, rows, prefix_len, max(len(s) for s in suffixes))
+
+
+def _parse_group(tokenizer: PromptTokenizer, ids: list[int], step_conf: np.ndarray, dims: int, joints: int):
+    """A group answer's tokens -> its numbers, each scored at its own tokens."""
+    return parse_group_answer(tokenizer.decode(ids), tokenizer.char_confidence(ids, step_conf), dims, joints)

@@ -37,7 +37,17 @@ from .manifest import (
     kv_bytes_per_token,
     llm_head_dim,
 )
-from .protocol import PROTOCOL_VERSION, TOKENIZER_READS, AnswerGrammar, PromptTokenizer, build_grammar
+from .protocol import (
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    TOKENIZER_READS,
+    AnswerGrammar,
+    JointGroup,
+    PromptTokenizer,
+    build_grammar,
+    build_group_grammar,
+    protocol_groups,
+)
 
 ENGINE, CHECKPOINT, OFFICIAL = "engine", "checkpoint", "official"
 OFFICIAL_MODEL_TYPE = "locllm"
@@ -76,13 +86,62 @@ class ModelSpec:
     num_layers: int = 0
     num_heads: int = 0  # the LM's attention heads
     confidence: ConfidenceCalibration | None = None  # score -> calibrated confidence, when fitted
+    protocol_version: str = PROTOCOL_VERSION
+    # grouped protocol (protocol.JOINT_GROUPS): the body-part groups, each joint's description
+    # (the library's the model was built with) and the answer grammar of each group size
+    groups: tuple[JointGroup, ...] = ()
+    group_descriptions: tuple[tuple[str, str], ...] = ()
+    group_grammars: tuple[AnswerGrammar, ...] = ()
+
+    def grammar_for(self, joints: int) -> AnswerGrammar:
+        """The answer grammar of a round asking ``joints`` joints (1: the one-keypoint grammar)."""
+        if joints == 1:
+            return self.grammar
+        for g in self.group_grammars:
+            if g.joints == joints:
+                return g
+        raise ProtocolError(f"this model has no {joints}-joint group (protocol {self.protocol_version!r})")
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """The longest answer a round of this model decodes (its grammar's tokens, EOS excluded)."""
+        return max(len(g.slots) for g in (self.grammar, *self.group_grammars))
+
+    @staticmethod
+    def protocol_facts(
+        version: str, tokenizer: PromptTokenizer, dims: int, library: DescriptionLibrary, source: str, error: type
+    ) -> dict:
+        """The grouped protocol's fields of a spec (none for the per-keypoint protocol), ``error``
+        (EngineError / CheckpointError) naming ``source`` when the version is unknown or the
+        library lacks a group joint's description."""
+        try:
+            groups = protocol_groups(version, f"{source}: protocol_version")
+        except ProtocolError as e:
+            raise error(str(e)) from e
+        if not groups:
+            return {"protocol_version": version}
+        joints = [j for g in groups for j in g.joints]
+        missing = [j for j in joints if j not in library.descriptions]
+        if missing:
+            raise error(
+                f"{source}: protocol {version!r} asks {missing}, which its description library does not describe"
+            )
+        return {
+            "protocol_version": version,
+            "groups": groups,
+            "group_descriptions": tuple((j, library.descriptions[j]) for j in joints),
+            "group_grammars": tuple(
+                build_group_grammar(tokenizer, dims, n) for n in sorted({len(g.joints) for g in groups})
+            ),
+        }
 
     @classmethod
     def from_manifest(cls, engine_dir: Path, manifest: EngineManifest) -> ModelSpec:
         m, t = manifest.model, manifest.tokenizer
-        if manifest.protocol_version != PROTOCOL_VERSION:
+        if manifest.protocol_version not in PROTOCOL_VERSIONS:
             raise EngineError(
-                f"engine protocol {manifest.protocol_version!r} differs from this runtime's {PROTOCOL_VERSION!r}"
+                f"{engine_dir}: manifest field protocol_version {manifest.protocol_version!r} is not a protocol "
+                f"this runtime knows ({', '.join(PROTOCOL_VERSIONS)})"
             )
         # every file the tokenizer reads must be one the manifest lists (and so checksums)
         tokenizer_dir = manifest.path(engine_dir, f"{t.dir}/tokenizer.model").parent
@@ -144,11 +203,28 @@ class ModelSpec:
             num_layers=m.num_layers,
             num_heads=m.num_heads,
             confidence=manifest.confidence,
+            **cls.protocol_facts(
+                manifest.protocol_version,
+                tokenizer,
+                grammar.dims,
+                DescriptionLibrary.load(manifest.path(engine_dir, DESCRIPTIONS_FILE))
+                if manifest.protocol_version != PROTOCOL_VERSION
+                else DescriptionLibrary({}, {}),
+                str(engine_dir),
+                EngineError,
+            ),
         )
 
     @classmethod
-    def from_config(cls, config: dict, tokenizer: PromptTokenizer, source: str = "config.json") -> ModelSpec:
-        """From our checkpoint's config.json (as a dict) and its tokenizer."""
+    def from_config(
+        cls,
+        config: dict,
+        tokenizer: PromptTokenizer,
+        source: str = "config.json",
+        library: DescriptionLibrary | None = None,
+    ) -> ModelSpec:
+        """From our checkpoint's config.json (as a dict) and its tokenizer; ``library``: the
+        descriptions a grouped model asks its groups with (default: the bundled library)."""
         try:
             llm = config["llm"]
             dims = int(config["coord_dims"])
@@ -184,15 +260,16 @@ class ModelSpec:
         if tokenizer.spec.im_patch_id != im_patch:
             raise CheckpointError(f"{source}: <im_patch> id in the tokenizer differs from config.json")
         version = config.get("protocol_version", PROTOCOL_VERSION)
-        if version != PROTOCOL_VERSION:
-            raise CheckpointError(
-                f"{source}: protocol_version {version!r} differs from this runtime's {PROTOCOL_VERSION!r}"
-            )
+        if version != PROTOCOL_VERSION and library is None:
+            from .descriptions import bundled_library
+
+            library = bundled_library()
         return cls(
             tokenizer=tokenizer,
             grammar=build_grammar(tokenizer, dims),
             prefix_ids=tuple(tokenizer.prefix_ids(num_patches)),
             confidence=checkpoint_confidence(config, source),
+            **cls.protocol_facts(version, tokenizer, dims, library, source, CheckpointError),
             **spec,
         )
 
@@ -297,6 +374,12 @@ def _ort_factory(provider: str | None) -> Callable:
 
 
 def _tensorrt_factory(engine_dir: Path, manifest: EngineManifest, spec: ModelSpec, threads: int | None, device: int):
+    if spec.groups:
+        raise BackendUnavailable(
+            f"{engine_dir}: the TensorRT backend decodes one-keypoint answers only, and this engine speaks the "
+            f"grouped protocol {spec.protocol_version!r} (one answer per body part): use backend='onnxruntime-cuda', "
+            "'torch-cuda' or 'onnxruntime'"
+        )
     from .backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(engine_dir, manifest, spec.tokenizer, spec.grammar, spec.prefix_ids, device=device)

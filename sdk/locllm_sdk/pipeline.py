@@ -8,6 +8,10 @@ One definition, called by ``Pose``, training's validation, the benchmarks and th
 * ``locate_crops``: normalised crops and requests -> normalised answers (``CropAnswers``);
 * ``flip_merge``: flip test-time augmentation's average of plain and mirrored answers.
 
+A grouped model (protocol ``locllm-grouped-v1``) answers body parts: the requests are asked as
+the groups that hold them (``group_rows``: one row per group, each answer listing the group's
+joints in order) and the answers are handed back per request, laid out as for any model.
+
 Memory is bounded per call whatever the number of boxes and keypoints: crops go through the
 vision tower, the prefix prefill and the decoding in chunks of crops whose working set fits
 ``memory_budget_mb``, and within a chunk the rows are decoded in chunks whose KV cache fits
@@ -27,9 +31,9 @@ from . import crop as cropping
 from .backends.base import Backend, RequestBackend
 from .decoding import DecodeStats, constrained_decode, free_decode, prefill_prefix, split_common_head
 from .descriptions import KeypointRequest
-from .errors import ArgumentError, ProtocolError
+from .errors import ArgumentError, KeypointError, ProtocolError
 from .loader import ModelSpec
-from .protocol import MAX_NEW_TOKENS, ParsedAnswer
+from .protocol import MAX_NEW_TOKENS, AnswerGrammar, JointGroup, ParsedAnswer, plan_groups
 
 DECODING = ("constrained", "free")
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
@@ -83,7 +87,7 @@ def _stage(times: StageTimes | None, name: str):
 # Memory
 
 
-def row_bytes(spec: ModelSpec, backend, row_tokens: int, prefix_len: int) -> int:
+def row_bytes(spec: ModelSpec, backend, row_tokens: int, prefix_len: int, grammar: AnswerGrammar | None = None) -> int:
     """Working memory of one decoded row, dominated by its first pass (all its suffix tokens
     at once): the attention scores over prefix + row (a few copies: scores, exponentials),
     the per-token activations, the KV cache (input and output of a pass alive at once, plus
@@ -92,7 +96,7 @@ def row_bytes(spec: ModelSpec, backend, row_tokens: int, prefix_len: int) -> int
     kv_tokens = row_tokens + (0 if getattr(backend, "supports_shared_prefix", False) else prefix_len)
     attention = 3 * max(spec.num_heads, 1) * row_tokens * (prefix_len + row_tokens)
     activations = 12 * row_tokens * spec.hidden_size
-    logits = logits_per_pass(spec.grammar) * max(spec.vocab_size, 1)
+    logits = logits_per_pass(grammar or spec.grammar) * max(spec.vocab_size, 1)
     return _FLOAT * (attention + activations + logits) + 2 * spec.kv_bytes_per_token * kv_tokens
 
 
@@ -123,19 +127,34 @@ def crops_per_chunk(spec: ModelSpec, backend, k: int, max_suffix: int, budget_mb
     """How many crops (with all their k rows) one chunk holds within ``budget_mb``."""
     prefix_len = len(spec.prefix_ids) + max_suffix  # an upper bound of prefix + common head
     per_crop = crop_bytes(spec, prefix_len) + k * row_bytes(
-        spec, backend, max_suffix + len(spec.grammar.slots), prefix_len
+        spec, backend, max_suffix + spec.max_answer_tokens, prefix_len, _widest(spec)
     )
     return max(1, int(budget_mb * 2**20 // max(per_crop, 1)))
 
 
+def _widest(spec: ModelSpec) -> AnswerGrammar:
+    """The model's grammar with the longest answer (its one grammar, unless grouped)."""
+    return max((spec.grammar, *spec.group_grammars), key=lambda g: len(g.slots))
+
+
 def row_chunks(
-    spec: ModelSpec, backend, n_crops: int, k: int, max_suffix: int, prefix_len: int, decoding: str, budget_mb: float
+    spec: ModelSpec,
+    backend,
+    n_crops: int,
+    k: int,
+    max_suffix: int,
+    prefix_len: int,
+    decoding: str,
+    budget_mb: float,
+    grammar: AnswerGrammar | None = None,
 ) -> list[np.ndarray]:
     """Row index chunks whose decoding memory fits what ``budget_mb`` leaves after the crops'
     own working set; whole persons per chunk where they fit (cascade attention wants equal
-    runs per crop; free decoding's stop rule needs whole persons)."""
+    runs per crop; free decoding's stop rule needs whole persons). ``grammar``: the rows'
+    answer grammar (default the model's)."""
+    grammar = grammar or spec.grammar
     left = budget_mb * 2**20 - n_crops * crop_bytes(spec, prefix_len)
-    per_row = max(1, row_bytes(spec, backend, max_suffix + len(spec.grammar.slots), prefix_len))
+    per_row = max(1, row_bytes(spec, backend, max_suffix + len(grammar.slots), prefix_len, grammar))
     max_rows = max(1, int(max(left, 0) // per_row))
     n = n_crops * k
     if max_rows >= n:
@@ -171,37 +190,58 @@ def _decode_chunk(
     decoding: str,
     budget_mb: float,
     times: StageTimes | None = None,
+    grammars: Sequence[AnswerGrammar] | None = None,
 ) -> tuple[list[ParsedAnswer], DecodeStats]:
-    """One chunk of crops: vision once per crop, then every (crop, request) row."""
+    """One chunk of crops: vision once per crop, then every (crop, request) row.
+
+    ``grammars``: each request's answer grammar (default: the model's for all). Requests with
+    the same grammar are decoded together; each grammar's rows run their own passes on the
+    crops' one prefix (a grouped model's groups of another size)."""
     with _stage(times, "vision"):
         image_tokens = backend.encode_images(pixels)
     n_crops, k = pixels.shape[0], len(suffix)
-    crop_of_row = np.repeat(np.arange(n_crops), k)
+    grammars = list(grammars) if grammars is not None else [spec.grammar] * k
     if isinstance(backend, RequestBackend):  # whole-request engines (tensorrt) schedule themselves
+        if any(g != spec.grammar for g in grammars):
+            raise ProtocolError(f"backend {type(backend).__name__} decodes one-keypoint answers only")
         with _stage(times, "decode"):
-            return backend.locate_rows(image_tokens, crop_of_row, suffix * n_crops, decoding)
+            return backend.locate_rows(image_tokens, np.repeat(np.arange(n_crops), k), suffix * n_crops, decoding)
     # The rounds' common first tokens join the prefix: computed once per crop, not per row.
     head, tails = split_common_head(suffix)
     prefix_ids = list(spec.prefix_ids) + head
     with _stage(times, "prefix"):
         prefix_cache = prefill_prefix(backend, prefix_ids, spec.tokenizer.spec.im_patch_id, image_tokens)
     del image_tokens
-    rows_tails = tails * n_crops
-    answers: list[ParsedAnswer] = []
+    answers: list[ParsedAnswer | None] = [None] * (n_crops * k)
     stats = None
-    for rows in row_chunks(spec, backend, n_crops, k, max(map(len, tails)), len(prefix_ids), decoding, budget_mb):
-        sub = [rows_tails[i] for i in rows]
-        with _stage(times, "decode"):
-            part, st = _decode_rows(backend, spec, prefix_cache, prefix_ids, crop_of_row[rows], sub, decoding)
-        answers += part
-        stats = _merge_stats(stats, st)
+    for grammar in dict.fromkeys(grammars):  # in order of first use
+        cols = [j for j in range(k) if grammars[j] == grammar]
+        kc, class_tails = len(cols), [tails[j] for j in cols]
+        rows_tails, crop_of_row = class_tails * n_crops, np.repeat(np.arange(n_crops), kc)
+        chunks = row_chunks(
+            spec, backend, n_crops, kc, max(map(len, class_tails)), len(prefix_ids), decoding, budget_mb, grammar
+        )
+        for rows in chunks:
+            sub = [rows_tails[i] for i in rows]
+            with _stage(times, "decode"):
+                part, st = _decode_rows(
+                    backend, spec, prefix_cache, prefix_ids, crop_of_row[rows], sub, decoding, grammar
+                )
+            for row, answer in zip(rows, part):
+                crop, c = divmod(int(row), kc)
+                answers[crop * k + cols[c]] = answer
+            stats = _merge_stats(stats, st)
     return answers, stats
 
 
-def _decode_rows(backend, spec: ModelSpec, prefix_cache, prefix_ids, crops, sub, decoding: str):
-    """Constrained or free decoding of one chunk of rows (``crops``: each row's crop)."""
+def _decode_rows(backend, spec: ModelSpec, prefix_cache, prefix_ids, crops, sub, decoding: str, grammar=None):
+    """Constrained or free decoding of one chunk of rows (``crops``: each row's crop), all
+    answering with ``grammar`` (default the model's one-keypoint grammar)."""
+    grammar = grammar or spec.grammar
     if decoding == "constrained":
-        return constrained_decode(backend, prefix_cache, len(prefix_ids), crops, sub, spec.grammar, spec.tokenizer)
+        return constrained_decode(backend, prefix_cache, len(prefix_ids), crops, sub, grammar, spec.tokenizer)
+    # the official budget for one keypoint; a group answer's own length (+ EOS) for a group
+    budget = MAX_NEW_TOKENS[spec.coord_dims] if grammar.joints == 1 else len(grammar.slots) + 1
     return free_decode(
         backend,
         prefix_cache,
@@ -209,28 +249,79 @@ def _decode_rows(backend, spec: ModelSpec, prefix_cache, prefix_ids, crops, sub,
         crops,
         sub,
         crops,
-        MAX_NEW_TOKENS[spec.coord_dims],
+        budget,
         spec.coord_dims,
         spec.tokenizer,
+        joints=grammar.joints,
     )
 
 
 def _suffixes(spec: ModelSpec, requests: Sequence[KeypointRequest]) -> list[list[int]]:
     """Each request's round ids, refused before any model work when prompt + answer would run
     past the model's context (positions beyond ``max_position_embeddings`` were never trained)."""
-    out = []
     answer = max(len(spec.grammar.slots) + 1, MAX_NEW_TOKENS[spec.coord_dims])
+    return [
+        _fits(spec, f"keypoint {r.name!r}", spec.tokenizer.round_ids(r.name, r.description), answer) for r in requests
+    ]
+
+
+def _fits(spec: ModelSpec, what: str, ids: list[int], answer: int) -> list[int]:
+    """``ids`` (a round's) when prefix + round + ``answer`` tokens fit the model's context."""
+    total = len(spec.prefix_ids) + len(ids) + answer
+    if spec.max_positions and total > spec.max_positions:
+        raise ProtocolError(
+            f"{what}: its prompt is {len(spec.prefix_ids) + len(ids)} tokens ({len(spec.prefix_ids)} "
+            f"image prefix + {len(ids)} description and question) + {answer} answer tokens = {total}, past the "
+            f"model's context of {spec.max_positions} positions: shorten the description"
+        )
+    return ids
+
+
+@dataclass(frozen=True)
+class GroupRows:
+    """How a grouped model asks a list of requests: one row per group holding any of them."""
+
+    groups: list[JointGroup]
+    suffixes: list[list[int]]  # each group's round ids
+    grammars: list[AnswerGrammar]  # each group's answer grammar
+    members: list[tuple[int, int]]  # per request: (group row, the joint's position in its answer)
+
+
+def group_rows(spec: ModelSpec, requests: Sequence[KeypointRequest]) -> GroupRows:
+    """The rows a grouped model (``spec.groups``) asks for ``requests``: the groups holding the
+    requested joints, in the protocol's group order, each asked whole with the descriptions the
+    model was built with. Refused before any model work (KeypointError naming the keypoint) for
+    a joint no group holds and for a description other than the model's own."""
+    if not spec.groups:
+        raise ProtocolError(f"protocol {spec.protocol_version!r} has no body-part groups")
+    described = dict(spec.group_descriptions)
     for r in requests:
-        ids = spec.tokenizer.round_ids(r.name, r.description)
-        total = len(spec.prefix_ids) + len(ids) + answer
-        if spec.max_positions and total > spec.max_positions:
-            raise ProtocolError(
-                f"keypoint {r.name!r}: its prompt is {len(spec.prefix_ids) + len(ids)} tokens ({len(spec.prefix_ids)} "
-                f"image prefix + {len(ids)} description and question) + {answer} answer tokens = {total}, past the "
-                f"model's context of {spec.max_positions} positions: shorten the description"
+        if r.name in described and r.description != described[r.name]:
+            raise KeypointError(
+                f"keypoint {r.name!r}: a grouped model asks its body parts with its own descriptions, and the "
+                f"description given differs from its {described[r.name]!r}"
             )
-        out.append(ids)
-    return out
+    plan = plan_groups([r.name for r in requests], spec.groups)
+    members: list[tuple[int, int]] = [(0, 0)] * len(requests)
+    suffixes, grammars = [], []
+    for row, (group, asked) in enumerate(plan):
+        grammar = spec.grammar_for(len(group.joints))
+        ids = spec.tokenizer.group_round_ids(group, [described[j] for j in group.joints])
+        suffixes.append(_fits(spec, f"group {group.name!r}", ids, len(grammar.slots) + 1))
+        grammars.append(grammar)
+        for request, position in asked:
+            members[request] = (row, position)
+    return GroupRows([g for g, _ in plan], suffixes, grammars, members)
+
+
+def _per_request(spec: ModelSpec, plan: GroupRows, answers: list[ParsedAnswer]) -> list[ParsedAnswer]:
+    """Group answers laid out crop by crop -> one answer per (crop, request), crop by crop."""
+    g = len(plan.groups)
+    return [
+        answers[crop * g + row].part(position, spec.coord_dims)
+        for crop in range(len(answers) // g)
+        for row, position in plan.members
+    ]
 
 
 def _run_chunks(
@@ -246,15 +337,18 @@ def _run_chunks(
     """Crops ``make_pixels(indices)`` chunk by chunk (the caller decides how a chunk is made)."""
     if decoding not in DECODING:
         raise ArgumentError(f"decoding must be one of {DECODING}, got {decoding!r}")
-    suffix = _suffixes(spec, requests)
+    plan = group_rows(spec, requests) if spec.groups else None
+    suffix = plan.suffixes if plan else _suffixes(spec, requests)
     size = crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), budget_mb)
     answers: list[ParsedAnswer] = []
     stats = None
     for start in range(0, n_crops, size):
         with _stage(times, "crop"):
             pixels = make_pixels(np.arange(start, min(start + size, n_crops)))
-        part, st = _decode_chunk(backend, spec, pixels, suffix, decoding, budget_mb, times)
-        answers += part
+        part, st = _decode_chunk(
+            backend, spec, pixels, suffix, decoding, budget_mb, times, plan.grammars if plan else None
+        )
+        answers += _per_request(spec, plan, part) if plan else part
         stats = _merge_stats(stats, st)
     values = np.array([a.values for a in answers], dtype=np.float64).reshape(len(answers), spec.coord_dims)
     return CropAnswers(values, answers, stats)
@@ -388,7 +482,8 @@ def locate_in_images(
         texts, flip_texts, stats = [a.text for a in run.answers], [""] * len(run.answers), run.stats
     else:
         # chunk the boxes here: each chunk runs its plain and mirrored crops together
-        suffix = _suffixes(spec, list(dict.fromkeys(list(requests) + list(mirrored))))
+        union = list(dict.fromkeys(list(requests) + list(mirrored)))
+        suffix = group_rows(spec, union).suffixes if spec.groups else _suffixes(spec, union)
         step = max(1, crops_per_chunk(spec, backend, len(suffix), max(map(len, suffix)), memory_budget_mb) // 2)
         parts, stats = [], None
         for start in range(0, n, step):

@@ -9,6 +9,14 @@ served with. It reproduces the public LocLLM checkpoints (kennethwdk/LocLLM): th
 tokenised like transformers 4.31's slow ``LlamaTokenizer``: BOS first, whitespace touching
 ``<im_patch>`` stripped, and (``legacy: false``) no ``▁`` prefix on text that follows an
 added token. Answers are ``" [0.xxx,0.yyy]"`` (2D) or ``" [0.xxx,0.yyy,0.zzzzzz]"`` (3D).
+
+A second version, ``locllm-grouped-v1`` (``GROUPED_PROTOCOL_VERSION``), is for models trained
+with it: one round asks for a body part (``JOINT_GROUPS``: its joints' descriptions in order,
+then "Where are the joints of the left arm of this person in this image: left shoulder, left
+elbow, left wrist? ...") and the answer lists the joints' coordinates in that order, each
+written as the single-keypoint answer and separated by a space: ``" [0.xxx,0.yyy] [0.xxx,0.yyy]
+[0.xxx,0.yyy]"`` (each part is the same tokens as the one-keypoint answer). The image prefix,
+tokenisation and decimals are the first version's; the public checkpoints' ids are unchanged.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ProtocolError, read_json
+from .errors import KeypointError, ProtocolError, read_json
 
 PROTOCOL_VERSION = "locllm-v1"
+GROUPED_PROTOCOL_VERSION = "locllm-grouped-v1"
 IMAGE_PATCH_TOKEN = "<im_patch>"
 EOS_TEXT = "</s>"
 IMAGE_PREFIX = "Image: "
@@ -94,6 +103,94 @@ def depth_to_unit(depth_mm: float) -> float:
 
 def unit_to_depth(z: float) -> float:
     return (z - 0.5) * DEPTH_RANGE_MM
+
+
+# --------------------------------------------------------------------------------------
+# Body-part groups (protocol locllm-grouped-v1)
+
+
+@dataclass(frozen=True)
+class JointGroup:
+    """A body part asked in one round of the grouped protocol: its joints in answer order
+    (names as the description library spells them)."""
+
+    name: str
+    joints: tuple[str, ...]
+
+
+# The groups of locllm-grouped-v1: the 22 SynthPose joints (COCO-17 + neck, pelvis, head_top,
+# thorax, torso), each in exactly one group, in answer order (top to bottom, then outwards).
+# Six groups of three cover COCO-17, so its 17 joints take 6 rows of one answer length.
+JOINT_GROUPS: tuple[JointGroup, ...] = (
+    JointGroup("face", ("nose", "left eye", "right eye")),
+    JointGroup("head", ("head_top", "left ear", "right ear")),
+    JointGroup("left arm", ("left shoulder", "left elbow", "left wrist")),
+    JointGroup("right arm", ("right shoulder", "right elbow", "right wrist")),
+    JointGroup("left leg", ("left hip", "left knee", "left ankle")),
+    JointGroup("right leg", ("right hip", "right knee", "right ankle")),
+    JointGroup("trunk", ("neck", "thorax", "torso", "pelvis")),
+)
+GROUP_QUESTION_TEMPLATE = (
+    "Where are the joints of the {group} of this person in this image: {joints}? "
+    "Please provide their coordinates in this order."
+)
+# Answer parts (one per joint, each a single-keypoint answer) are separated by this text.
+GROUP_ANSWER_SEPARATOR = " "
+# protocol version -> its body-part groups (none: one keypoint per round)
+PROTOCOL_GROUPS: dict[str, tuple[JointGroup, ...]] = {PROTOCOL_VERSION: (), GROUPED_PROTOCOL_VERSION: JOINT_GROUPS}
+PROTOCOL_VERSIONS = tuple(PROTOCOL_GROUPS)
+# short names (train.py --protocol) of the versions
+PROTOCOL_NAMES = {"per-keypoint": PROTOCOL_VERSION, "grouped": GROUPED_PROTOCOL_VERSION}
+
+
+def protocol_groups(version: str, source: str = "protocol_version") -> tuple[JointGroup, ...]:
+    """The body-part groups of protocol ``version`` (empty for the per-keypoint protocol);
+    ProtocolError naming ``source`` for a version this runtime does not know."""
+    if version not in PROTOCOL_GROUPS:
+        raise ProtocolError(
+            f"{source} {version!r} is not a protocol this runtime knows ({', '.join(PROTOCOL_VERSIONS)})"
+        )
+    return PROTOCOL_GROUPS[version]
+
+
+def group_question(group: JointGroup) -> str:
+    return GROUP_QUESTION_TEMPLATE.format(group=group.name, joints=", ".join(group.joints))
+
+
+def group_round_text(group: JointGroup, descriptions: Sequence[str], answer: str | None = None) -> str:
+    """One grouped round: the joints' descriptions in order, the group's question; with an
+    answer (``format_group_answer``) it is a training round closed by ``</s>``."""
+    if len(descriptions) != len(group.joints):
+        raise ProtocolError(
+            f"group {group.name!r} has {len(group.joints)} joints, got {len(descriptions)} descriptions"
+        )
+    text = ROUND_TEMPLATE.format(description=" ".join(descriptions), question=group_question(group))
+    if answer is not None:
+        text += " " + answer + EOS_TEXT
+    return text
+
+
+def format_group_answer(values: Sequence[Sequence[float]]) -> str:
+    """``[0.123,0.456] [0.789,0.012] ...``: one single-keypoint answer per joint, in order."""
+    return GROUP_ANSWER_SEPARATOR.join(format_answer(v) for v in values)
+
+
+def plan_groups(names: Sequence[str], groups: Sequence[JointGroup]) -> list[tuple[JointGroup, list[tuple[int, int]]]]:
+    """The groups to ask for keypoints ``names``, in ``groups`` order, each with its asked
+    members as (index in ``names``, position in the group's answer). A name that no group
+    holds is a KeypointError naming it and the groups."""
+    where = {joint: (g, p) for g, group in enumerate(groups) for p, joint in enumerate(group.joints)}
+    members: dict[int, list[tuple[int, int]]] = {}
+    for i, name in enumerate(names):
+        if name not in where:
+            held = "; ".join(f"{g.name}: {', '.join(g.joints)}" for g in groups)
+            raise KeypointError(
+                f"keypoint {name!r} is in none of this grouped model's body-part groups, and a grouped model "
+                f"answers only its groups' joints ({held})"
+            )
+        g, p = where[name]
+        members.setdefault(g, []).append((i, p))
+    return [(groups[g], members[g]) for g in sorted(members)]
 
 
 # --------------------------------------------------------------------------------------
@@ -256,8 +353,26 @@ class PromptTokenizer:
         ids = self.encode(IMAGE_PATCH_TOKEN + "\n" + text, add_bos=False)
         return ids[1:]
 
+    def group_round_ids(self, group: JointGroup, descriptions: Sequence[str], answer: str | None = None) -> list[int]:
+        """Ids of one grouped round (``group_round_text``) as it follows an added token, like
+        ``round_ids``; the descriptions are plain text (``check_user_text``)."""
+        for joint, description in zip(group.joints, descriptions):
+            check_user_text(description, f"the description of {joint!r}")
+        ids = self.encode(IMAGE_PATCH_TOKEN + "\n" + group_round_text(group, descriptions, answer), add_bos=False)
+        return ids[1:]
+
     def prompt_ids(self, name: str, description: str, num_patches: int) -> list[int]:
         return self.encode(prompt_text(name, description, num_patches))
+
+    def char_confidence(self, ids: Sequence[int], step_confidence: Sequence[float]) -> np.ndarray:
+        """Per character of ``decode(ids)``, the confidence of the token that wrote it
+        (``step_confidence[t]`` for token t; tokens past its end get NaN): a multi-character
+        token (``▁[`` inside a grouped answer) spreads its confidence over its characters."""
+        out: list[float] = []
+        for t in range(len(ids)):
+            value = float(step_confidence[t]) if t < len(step_confidence) else math.nan
+            out += [value] * (len(self.decode(ids[: t + 1])) - len(out))
+        return np.asarray(out, np.float64)
 
     def digit_ids(self) -> list[int]:
         ids = []
@@ -289,6 +404,7 @@ class AnswerGrammar:
     number_spans: tuple[tuple[int, int], ...]
     digit_ids: tuple[int, ...]
     eos_id: int
+    joints: int = 1  # grouped protocol: answers for this many joints, dims numbers each
 
     FREE = -1
 
@@ -297,13 +413,16 @@ class AnswerGrammar:
         return [i for i, s in enumerate(self.slots) if s == self.FREE]
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "dims": self.dims,
             "slots": list(self.slots),
             "number_spans": [list(s) for s in self.number_spans],
             "digit_ids": list(self.digit_ids),
             "eos_id": self.eos_id,
         }
+        if self.joints != 1:  # one-keypoint grammars keep the dict they always had
+            d["joints"] = self.joints
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> AnswerGrammar:
@@ -313,7 +432,26 @@ class AnswerGrammar:
             number_spans=tuple((int(a), int(b)) for a, b in d["number_spans"]),
             digit_ids=tuple(int(i) for i in d["digit_ids"]),
             eos_id=int(d["eos_id"]),
+            joints=int(d.get("joints", 1)),
         )
+
+    def digits_of(self, tokens: Sequence[int]) -> list[int] | None:
+        """The free digits (0-9) of ``tokens`` if they are an answer of this grammar (its
+        skeleton with a digit token in every free slot, EOS optional), else None."""
+        tokens = [int(t) for t in tokens]
+        if tokens and tokens[-1] == self.eos_id:
+            tokens = tokens[:-1]
+        if len(tokens) != len(self.slots):
+            return None
+        digits = []
+        for tid, slot in zip(tokens, self.slots):
+            if slot == self.FREE:
+                if tid not in self.digit_ids:
+                    return None
+                digits.append(self.digit_ids.index(tid))
+            elif tid != slot:
+                return None
+        return digits
 
     def fill(self, digits: Sequence[int]) -> list[int]:
         """Answer token ids with the free slots filled by digit values (0-9), EOS last."""
@@ -364,6 +502,51 @@ def build_grammar(tokenizer: PromptTokenizer, dims: int) -> AnswerGrammar:
     )
 
 
+def build_group_grammar(tokenizer: PromptTokenizer, dims: int, joints: int) -> AnswerGrammar:
+    """The answer skeleton of a ``joints``-joint group (grouped protocol): ``joints`` copies of
+    the one-keypoint skeleton, back to back. Refused (ProtocolError) unless the tokenizer
+    writes a group answer as exactly the one-keypoint answers' tokens in a row (the space
+    before each ``[`` is the ``▁`` of its ``▁[``), whatever the digits."""
+    single = build_grammar(tokenizer, dims)
+    if joints == 1:
+        return single
+    if joints < 1:
+        raise ProtocolError(f"a group has at least one joint, got {joints}")
+    free = len(single.free_positions)
+    # probe digits that differ between joints, so a merge that depends on them would show
+    digits = [[(j + 3 * k + 1) % 10 for k in range(free)] for j in range(joints)]
+    values = [[float("0." + "".join(map(str, d[a:b]))) for a, b in _free_runs(single)] for d in digits]
+    group = JointGroup("probe", tuple(f"j{j}" for j in range(joints)))
+    descriptions = ["x"] * joints
+    head = tokenizer.group_round_ids(group, descriptions)
+    full = tokenizer.group_round_ids(group, descriptions, answer=format_group_answer(values))
+    expected = [t for d in digits for t in single.fill(d)[:-1]] + [single.eos_id]
+    if full[: len(head)] != head or full[len(head) :] != expected:
+        pieces = [tokenizer.piece(t) for t in full[len(head) :]]
+        raise ProtocolError(
+            f"a {joints}-joint group answer does not tokenise as {joints} one-keypoint answers: {pieces}"
+        )
+    n = len(single.slots)
+    return AnswerGrammar(
+        dims=dims,
+        slots=single.slots * joints,
+        number_spans=tuple((a + j * n, b + j * n) for j in range(joints) for a, b in single.number_spans),
+        digit_ids=single.digit_ids,
+        eos_id=single.eos_id,
+        joints=joints,
+    )
+
+
+def _free_runs(grammar: AnswerGrammar) -> list[tuple[int, int]]:
+    """Per number, the [start, end) indices of its free digits among all free digits."""
+    runs, k = [], 0
+    for a, b in grammar.number_spans:
+        count = sum(grammar.slots[p] == AnswerGrammar.FREE for p in range(a, b))
+        runs.append((k, k + count))
+        k += count
+    return runs
+
+
 # --------------------------------------------------------------------------------------
 # Parsing and scores (official definition)
 
@@ -390,6 +573,13 @@ class ParsedAnswer:
     def score(self) -> float:
         """Keypoint score: mean of the per-number scores (official: (x_s + y_s) / 2)."""
         return float(np.mean(self.scores))
+
+    def part(self, position: int, dims: int) -> ParsedAnswer:
+        """Joint ``position`` of a group answer: its ``dims`` values and scores, the numbers
+        found for it, and the whole group answer's text."""
+        a, b = position * dims, (position + 1) * dims
+        found = min(max(self.numbers_found - a, 0), dims)
+        return ParsedAnswer(self.values[a:b], self.scores[a:b], found, self.text)
 
 
 # Official 3D parse (utils/valid3d.py) matches ".ddd" and prepends "0".
@@ -425,3 +615,22 @@ def parse_answer(text: str, step_confidence: np.ndarray, dims: int) -> ParsedAns
         window = np.asarray(step_confidence[pos : pos + len(raw)], dtype=np.float64)
         scores[k] = float(window.mean()) if window.size else math.nan
     return ParsedAnswer(tuple(values), tuple(scores), len(found), text)
+
+
+def parse_group_answer(text: str, char_confidence: np.ndarray, dims: int, joints: int) -> ParsedAnswer:
+    """A group answer's ``joints * dims`` numbers (every ``0.<digits>`` in the text, in order),
+    each scored as the official score is (the mean confidence over its characters), but at
+    its own characters: ``char_confidence`` is per character of the stripped text
+    (``PromptTokenizer.char_confidence``) and each number is looked for after the previous
+    one (the official ``str.find`` of the one-keypoint parse would score a repeated number at
+    its first occurrence). Missing numbers keep value and score 0, as the official parse."""
+    stripped = text.strip()
+    offset = len(text) - len(text.lstrip())
+    count = dims * joints
+    values, scores = [0.0] * count, [0.0] * count
+    found = list(NUMBER_PATTERN.finditer(stripped))
+    for k, m in enumerate(found[:count]):
+        values[k] = float(m.group())
+        window = np.asarray(char_confidence[offset + m.start() : offset + m.end()], dtype=np.float64)
+        scores[k] = float(window.mean()) if window.size else math.nan
+    return ParsedAnswer(tuple(values), tuple(scores), len(found), stripped)

@@ -3,7 +3,9 @@ turned into LocLLM instruction conversations with the shared protocol module.
 
 A sample is one person crop (the official affine crop, with scale / rotation / flip
 augmentation) and up to 5 rounds "Keypoint: ... Question: ... Answer: [0.xxx,0.yyy]</s>",
-loss on the answers (and their </s>) only, exactly as the original code trains.
+loss on the answers (and their </s>) only, exactly as the original code trains. With the
+grouped protocol (``ConversationConfig.protocol``, ``protocol.JOINT_GROUPS``) a round asks for
+a body part and answers its joints in order ("... Answer: [0.xxx,0.yyy] [0.xxx,0.yyy] ...</s>").
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import torch
 from locllm_sdk.coco_files import guess_image_dir
 from locllm_sdk.crop import affine_transform, box_to_center_scale, load_image, normalize, sanitize_box, warp_affine
 from locllm_sdk.descriptions import DescriptionLibrary, coco17, mirror_text
-from locllm_sdk.protocol import EOS_TEXT, IMAGE_PATCH_TOKEN, PromptTokenizer, format_answer
+from locllm_sdk.protocol import (
+    EOS_TEXT,
+    IMAGE_PATCH_TOKEN,
+    PROTOCOL_VERSION,
+    JointGroup,
+    PromptTokenizer,
+    format_answer,
+    format_group_answer,
+    protocol_groups,
+)
 
 from .synthpose.dataset_io import load_companion
 
@@ -112,6 +123,10 @@ class ConversationConfig:
     aux_joints: tuple[str, ...] = ()  # joints whose patch index is a training target (aux loss)
     norm_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)
     norm_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
+    # the prompt protocol the rounds follow: PROTOCOL_VERSION (one keypoint per round) or
+    # GROUPED_PROTOCOL_VERSION (one body-part group per round; a midpoint round, with
+    # midpoint_prob, stays a one-keypoint round)
+    protocol: str = PROTOCOL_VERSION
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -131,7 +146,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.prefix = tokenizer.prefix_ids(num_patches)
         self.seed = seed
         self.epoch = 0
+        self.groups = protocol_groups(config.protocol, "ConversationConfig.protocol")
         missing = {n for r in records for n in r.names if n not in self.library and n not in config.exclude}
+        missing |= {j for g in self.groups for j in g.joints if j not in self.library and j not in config.exclude}
         if missing:
             raise ValueError(f"keypoints without a description in the library: {sorted(missing)}")
 
@@ -162,24 +179,41 @@ class ConversationDataset(torch.utils.data.Dataset):
         return crop, pts, names
 
     def rounds_for(self, rec: PersonRecord, pts: np.ndarray, names: list[str], rng: random.Random):
+        """Up to ``max_rounds`` rounds: (name, description, values) for a keypoint, or, in the
+        grouped protocol, (JointGroup, descriptions, values per joint) for a body part."""
         s = self.cfg.image_size
         inside = rec.visible & (pts[:, 0] >= 0) & (pts[:, 0] < s) & (pts[:, 1] >= 0) & (pts[:, 1] < s)
         index = {n: i for i, n in enumerate(names)}
-        choices = [i for i in range(len(names)) if inside[i] and names[i] not in self.cfg.exclude]
+        if self.groups:
+            # a group is asked whole: every joint annotated, inside the crop, none held out
+            choices = [
+                g
+                for g in self.groups
+                if all(j in index and inside[index[j]] and j not in self.cfg.exclude for j in g.joints)
+            ]
+        else:
+            choices = [names[i] for i in range(len(names)) if inside[i] and names[i] not in self.cfg.exclude]
         rng.shuffle(choices)
         out = []
-        for i in choices[: self.cfg.max_rounds]:
-            name = names[i]
+        for choice in choices[: self.cfg.max_rounds]:
             if self.cfg.midpoint_prob and rng.random() < self.cfg.midpoint_prob:
                 mid = self._midpoint(index, inside, pts, rec, rng)
                 if mid is not None:
                     out.append(mid)
                     continue
-            values = [pts[i, 0] / s, pts[i, 1] / s]
-            if self.cfg.dims == 3:
-                values.append(float(rec.z[i]))  # a flip mirrors x only: joint i keeps its depth
-            out.append((name, self.library.descriptions[name], values))
+            if isinstance(choice, JointGroup):
+                descriptions = [self.library.descriptions[j] for j in choice.joints]
+                out.append((choice, descriptions, [self._values(index[j], pts, rec) for j in choice.joints]))
+            else:
+                out.append((choice, self.library.descriptions[choice], self._values(index[choice], pts, rec)))
         return out
+
+    def _values(self, i: int, pts: np.ndarray, rec: PersonRecord) -> list[float]:
+        s = self.cfg.image_size
+        values = [pts[i, 0] / s, pts[i, 1] / s]
+        if self.cfg.dims == 3:
+            values.append(float(rec.z[i]))  # a flip mirrors x only: joint i keeps its depth
+        return values
 
     def _midpoint(self, index, inside, pts, rec, rng):
         cands = [n for n, i in index.items() if inside[i] and n not in self.cfg.exclude]
@@ -205,10 +239,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         crop, pts, names = self.crop(rec, rng)
         rounds = self.rounds_for(rec, pts, names, rng)
         ids, labels = list(self.prefix), [IGNORE] * len(self.prefix)
-        for name, desc, values in rounds:
-            values = [min(max(v, 0.0), 0.999) for v in values]
-            head = self.tok.round_ids(name, desc)
-            full = self.tok.round_ids(name, desc, answer=format_answer(values))
+        for asked, desc, values in rounds:
+            if isinstance(asked, JointGroup):
+                values = [[_unit(v) for v in joint] for joint in values]
+                head = self.tok.group_round_ids(asked, desc)
+                full = self.tok.group_round_ids(asked, desc, answer=format_group_answer(values))
+            else:
+                values = [_unit(v) for v in values]
+                head = self.tok.round_ids(asked, desc)
+                full = self.tok.round_ids(asked, desc, answer=format_answer(values))
             ids += full
             labels += [IGNORE] * len(head) + full[len(head) :]
         pixels = normalize(crop[None], self.cfg.norm_mean, self.cfg.norm_std)[0]
@@ -230,6 +269,11 @@ class ConversationDataset(torch.utils.data.Dataset):
             else:
                 out.append(int(pts[i, 1] // ps) * grid + int(pts[i, 0] // ps))
         return out
+
+
+def _unit(v: float) -> float:
+    """An answer value as the protocol writes it: in [0, 1), 3 decimals (0.999 at most)."""
+    return min(max(v, 0.0), 0.999)
 
 
 class CaptionDataset(torch.utils.data.Dataset):

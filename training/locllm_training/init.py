@@ -62,16 +62,25 @@ def random_model(config: LocLLMConfig, seed: int = 0, random_lora: bool = True) 
 
 
 def teach_format(
-    model: LocLLM, tokenizer, steps: int, seed: int = 0, lr: float | None = None, batch: int = 4
+    model: LocLLM,
+    tokenizer,
+    steps: int,
+    seed: int = 0,
+    lr: float | None = None,
+    batch: int = 4,
+    protocol: str | None = None,
 ) -> LocLLM:
     """Fit a random model for a few steps, on random crops, to answer in the protocol's
     format: each keypoint gets its own typical position (+ noise), so answers differ per
     request while the last digits (close to uniform) swing with the image. A random model
     never produces a well-formed greedy answer; this one does, which makes it a meaningful
-    subject for parity, batching and greedy-vs-constrained comparisons. Not a trained model."""
+    subject for parity, batching and greedy-vs-constrained comparisons. Not a trained model.
+
+    ``protocol``: the model config's by default; with the grouped protocol each round asks a
+    body-part group and answers its joints' positions in order."""
     import numpy as np
     from locllm_sdk.descriptions import DescriptionLibrary
-    from locllm_sdk.protocol import format_answer
+    from locllm_sdk.protocol import format_answer, format_group_answer, protocol_groups
 
     cfg = model.config
     if lr is None:
@@ -88,14 +97,26 @@ def teach_format(
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     prefix = tokenizer.prefix_ids(cfg.num_patches)
     centre = {name: rng.uniform(0.1, 0.9, cfg.coord_dims) for name in names}
+    groups = protocol_groups(protocol or cfg.protocol_version)
+
+    def value(name: str):
+        return np.clip(centre[name] + rng.normal(0, 0.03, cfg.coord_dims), 0, 0.999)
+
     for _ in range(steps):
         ids_batch, label_batch = [], []
         for _ in range(batch):
             ids, labels = list(prefix), [-100] * len(prefix)
-            for name in rng.choice(names, size=2, replace=False):
-                value = np.clip(centre[name] + rng.normal(0, 0.03, cfg.coord_dims), 0, 0.999)
-                head = tokenizer.round_ids(name, lib.descriptions[name])
-                full = tokenizer.round_ids(name, lib.descriptions[name], answer=format_answer(value))
+            for k in rng.choice(len(groups) if groups else len(names), size=2, replace=False):
+                if groups:
+                    group = groups[k]
+                    descriptions = [lib.descriptions[j] for j in group.joints]
+                    head = tokenizer.group_round_ids(group, descriptions)
+                    answer = format_group_answer([value(j) for j in group.joints])
+                    full = tokenizer.group_round_ids(group, descriptions, answer=answer)
+                else:
+                    name = names[k]
+                    head = tokenizer.round_ids(name, lib.descriptions[name])
+                    full = tokenizer.round_ids(name, lib.descriptions[name], answer=format_answer(value(name)))
                 ids += full
                 labels += [-100] * len(head) + full[len(head) :]
             ids_batch.append(ids)
@@ -121,10 +142,14 @@ def init_checkpoint(
     image_size: int | None = None,
     teach_format_steps: int = 0,
     lora: bool = True,
+    protocol: str | None = None,
 ) -> Path:
     """``lora=False``: no adapters (no peft injection), e.g. for a machine whose transformers
-    names the HF modules differently (5.x) than the LoRA targets (4.57)."""
+    names the HF modules differently (5.x) than the LoRA targets (4.57). ``protocol``: the
+    prompt protocol version recorded (and format-taught), default the per-keypoint one."""
     config = preset_config(preset, dims=dims, image_size=image_size)
+    if protocol is not None:
+        config.protocol_version = protocol
     if not lora:
         config.lora_vision = LoraSettings(enabled=False)
         config.lora_llm = LoraSettings(enabled=False)

@@ -16,7 +16,7 @@ import torch
 from locllm_sdk.descriptions import DescriptionLibrary
 from locllm_sdk.errors import ArgumentError
 from locllm_sdk.evaluation import pck
-from locllm_sdk.protocol import PromptTokenizer
+from locllm_sdk.protocol import PROTOCOL_NAMES, PROTOCOL_VERSIONS, PromptTokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import (
@@ -83,6 +83,9 @@ class TrainConfig:
     zero_expert: bool = False
     expert_rank: int | None = None  # each expert's LoRA rank (default: the init's LM LoRA r)
     balance_weight: float = 0.01
+    # the prompt protocol to train (and record in the checkpoint): "per-keypoint", "grouped"
+    # (body-part groups, protocol.JOINT_GROUPS) or a version string; default: the init's
+    protocol: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -126,6 +129,16 @@ def with_adapter(model: LocLLM, cfg: TrainConfig) -> LocLLM:
             )
         return model
     return to_moe_lora(model, settings, r=cfg.expert_rank)
+
+
+def protocol_version_of(protocol: str) -> str:
+    """The protocol version ``TrainConfig.protocol`` names (a short name or a version)."""
+    version = PROTOCOL_NAMES.get(protocol, protocol)
+    if version not in PROTOCOL_VERSIONS:
+        raise ArgumentError(
+            f"protocol must be one of {', '.join([*PROTOCOL_NAMES, *PROTOCOL_VERSIONS])}, got {protocol!r}"
+        )
+    return version
 
 
 def records_of(source: DataSource, dims: int) -> list[PersonRecord]:
@@ -252,6 +265,8 @@ def run(cfg: TrainConfig) -> Path:
         if cfg.coord_dims not in (2, 3):
             raise ValueError(f"coord_dims must be 2 or 3, got {cfg.coord_dims}")
         model.config.coord_dims = cfg.coord_dims
+    if cfg.protocol:
+        model.config.protocol_version = protocol_version_of(cfg.protocol)
     model.train()
     tok = PromptTokenizer.from_dir(cfg.init)
     library = DescriptionLibrary.load()
@@ -274,6 +289,7 @@ def run(cfg: TrainConfig) -> Path:
         banned_pairs=_banned_pairs(cfg.exclude),
         norm_mean=model.config.norm_mean,
         norm_std=model.config.norm_std,
+        protocol=model.config.protocol_version,
     )
     if cfg.stage == 1:
         if not cfg.captions:
@@ -287,7 +303,10 @@ def run(cfg: TrainConfig) -> Path:
             for records in train_records
         ]
         train_set = parts[0] if len(parts) == 1 else WeightedMix(parts, [s.weight for s in cfg.train], cfg.seed)
-    print(f"training stage {cfg.stage}: {trainable / 1e6:.2f}M trainable parameters, {len(train_set)} samples")
+    print(
+        f"training stage {cfg.stage}: {trainable / 1e6:.2f}M trainable parameters, {len(train_set)} samples, "
+        f"protocol {model.config.protocol_version}"
+    )
     if model.config.moe_llm:
         print(f"MoE LoRA on the LM: {model.config.moe_llm}, {moe_parameter_count(model.llm) / 1e6:.3f}M parameters")
 

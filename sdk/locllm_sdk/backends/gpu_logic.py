@@ -61,7 +61,8 @@ def answer_regex(grammar: AnswerGrammar, text_of: Callable[[int], str]) -> str:
     tokens are escaped literally. No quantifiers are used (``[0-9]`` is repeated), so the
     regex needs nothing beyond literals and character classes from the regex engine. The
     end-of-sequence token is not part of the text: xgrammar allows the stop tokens once the
-    regex is complete.
+    regex is complete. A group grammar (grouped protocol, ``grammar.joints`` > 1) gives the
+    regex of its whole answer, ``" [0.ddd,0.ddd] [0.ddd,0.ddd] ..."``, the same way.
     """
     parts = []
     for slot in grammar.slots:
@@ -112,20 +113,7 @@ def guided_vocabulary(vocab_size: int, grammar: AnswerGrammar, text_of: Callable
 
 def answer_from_tokens(grammar: AnswerGrammar, tokens: Sequence[int]) -> list[int] | None:
     """The free digits (0-9) of ``tokens`` if they are a grammar answer (EOS optional), else None."""
-    tokens = [int(t) for t in tokens]
-    if tokens and tokens[-1] == grammar.eos_id:
-        tokens = tokens[:-1]
-    if len(tokens) != len(grammar.slots):
-        return None
-    digits = []
-    for tid, slot in zip(tokens, grammar.slots):
-        if slot == AnswerGrammar.FREE:
-            if tid not in grammar.digit_ids:
-                return None
-            digits.append(grammar.digit_ids.index(tid))
-        elif tid != slot:
-            return None
-    return digits
+    return grammar.digits_of(tokens)
 
 
 # --------------------------------------------------------------------------------------
