@@ -10,7 +10,14 @@ warm-up, and medians are reported. Methods:
   sdk-torch   Pose.locate on the torch backend (the SDK's algorithm, PyTorch kernels)
   sdk-ort     Pose.locate on ONNX Runtime (the SDK as deployed)
   sdk-ort-flip  the same with flip test-time augmentation (not in the default --methods)
+  sdk-ort-int8  Pose.locate on the engine's int8 variant (--engine-int8, or built from the
+              engine under --workdir with quantize.reduce_engine; not in the default --methods)
 Random-weight presets are created (and their engines built) on first use under --workdir.
+The FLOPs per person over the time give the fraction of the machine's matmul peak, measured in
+the same run: torch's fp32 matmul, ONNX Runtime's fp32 MatMul and its int8 MatMulInteger
+(uint8 x int8 -> int32, the kernel of the int8 engines) on 2048 x 2048 squares. The int8 engine's
+fraction is of the time its FLOPs would take at those peaks: its quantized linear layers at the
+int8 peak, its attention at the fp32 one.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("reference", "sdk-torch", "sdk-ort", "sdk-ort-flip")
+METHODS = ("reference", "sdk-torch", "sdk-ort", "sdk-ort-flip", "sdk-ort-int8")
 
 _ROOT = Path(__file__).resolve().parent.parent
 for _sub in ("sdk", "training", "export", "benchmarks"):
@@ -63,11 +70,61 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return statistics.median(rates)
 
 
+def ort_matmul_peak_gops(
+    int8: bool, n: int = 2048, reps: int = 5, threads: int | None = None, cpu_time: bool = False
+) -> float:
+    """ONNX Runtime's sustained n x n matmul rate (GOP/s, median of reps): fp32 MatMul, or with
+    ``int8`` MatMulInteger of a uint8 input and a constant int8 weight (the op the int8 engines'
+    DynamicQuantizeMatMul runs; VNNI kernels where the CPU has them). ``cpu_time``: per second
+    of this process's CPU time instead of wall time (steadier on a shared machine; with one
+    thread, the rate of one core)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if int8:
+        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+        b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "B")
+        node, types = helper.make_node("MatMulInteger", ["A", "B"], ["Y"]), (TensorProto.UINT8, TensorProto.INT32)
+    else:
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "B")
+        node, types = helper.make_node("MatMul", ["A", "B"], ["Y"]), (TensorProto.FLOAT, TensorProto.FLOAT)
+    graph = helper.make_graph(
+        [node],
+        "peak",
+        [helper.make_tensor_value_info("A", types[0], [n, n])],
+        [helper.make_tensor_value_info("Y", types[1], [n, n])],
+        [b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, {"A": a})
+    clock = time.process_time if cpu_time else time.perf_counter
+    rates = []
+    for _ in range(reps):
+        t = clock()
+        sess.run(None, {"A": a})
+        rates.append(2 * n**3 / (clock() - t) / 1e9)
+    return statistics.median(rates)
+
+
 def person_flops(manifest, prefix_len: int, tails: list[int], answer_tokens: int, logits_per_row: int) -> float:
     """Useful FLOPs of the SDK for one person: the ViT once, the prefix once, each row's
     tail (its suffix after the common head) plus the ``answer_tokens`` it is fed, and the
     vocabulary projection at ``logits_per_row`` positions per row (pads not counted).
     Linear layers 2*params*tokens, attention 4*hidden*queries*keys per layer."""
+    return sum(person_flop_parts(manifest, prefix_len, tails, answer_tokens, logits_per_row).values())
+
+
+def person_flop_parts(
+    manifest, prefix_len: int, tails: list[int], answer_tokens: int, logits_per_row: int
+) -> dict[str, float]:
+    """``person_flops`` by part: ``vision_linear``, ``vision_attention``, ``decoder_linear``,
+    ``decoder_attention`` and ``lm_head`` (what an int8 engine quantizes: the linear parts)."""
     m = getattr(manifest, "model", manifest)  # an EngineManifest, or its ModelInfo (or facts alike)
     h, layers, v = m.hidden_size, m.num_layers, m.vocab_size
     vh, vl = m.vision_hidden_size, m.vision_layers
@@ -75,12 +132,25 @@ def person_flops(manifest, prefix_len: int, tails: list[int], answer_tokens: int
         raise ValueError("this engine's manifest predates the per-part parameter counts: rebuild it for FLOPs")
     lm_params = m.decoder_layer_parameters
     vit_tokens = m.num_patches + 1
-    vit = 2 * m.vision_parameters * vit_tokens + vl * 4 * vit_tokens * vit_tokens * vh
     rows = [t + answer_tokens for t in tails]
     lm_tokens = prefix_len + sum(rows)
-    attn = layers * 4 * h * (prefix_len * prefix_len / 2 + sum(r * (prefix_len + r / 2) for r in rows))
-    head = 2 * v * h * (1 + len(rows) * logits_per_row)
-    return vit + 2 * lm_params * lm_tokens + attn + head
+    keys = prefix_len * prefix_len / 2 + sum(r * (prefix_len + r / 2) for r in rows)  # query-key pairs
+    return {
+        "vision_linear": 2 * m.vision_parameters * vit_tokens,
+        "vision_attention": vl * 4 * vit_tokens * vit_tokens * vh,
+        "decoder_linear": 2 * lm_params * lm_tokens,
+        "decoder_attention": layers * 4 * h * keys,
+        "lm_head": 2 * v * h * (1 + len(rows) * logits_per_row),
+    }
+
+
+def int8_flops(parts: dict[str, float], precision) -> float:
+    """The FLOPs an engine of ``precision`` (its manifest's) runs in int8: the linear layers of
+    its int8 parts (attention stays fp32)."""
+    flops = parts["vision_linear"] if precision.vision == "int8" else 0.0
+    if precision.decoder == "int8":
+        flops += parts["decoder_linear"] + parts["lm_head"]
+    return flops
 
 
 def grammar_token_counts(grammar) -> tuple[int, int]:
@@ -137,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--engine", type=Path)
+    ap.add_argument("--engine-int8", type=Path, help="sdk-ort-int8: the int8 engine (default: built from the engine)")
     ap.add_argument(
         "--teach-format",
         type=int,
@@ -179,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
 
     ort_pose = Pose(engine, backend="onnxruntime", threads=args.threads)
+    int8_pose = None
+    if "sdk-ort-int8" in methods:
+        int8_dir = args.engine_int8
+        if int8_dir is None:
+            from precision import reduced_engine
+
+            int8_dir = reduced_engine(Path(engine), args.workdir / "int8", "int8", "int8")
+        int8_pose = Pose(int8_dir, backend="onnxruntime", threads=args.threads)
+        got = int8_pose.manifest.model.checkpoint_sha256, ort_pose.manifest.model.checkpoint_sha256
+        if got[0] != got[1]:
+            ap.error(f"--engine-int8 {int8_dir} is an engine of another checkpoint than {engine}")
     torch_pose = Pose(ckpt, backend="torch", threads=args.threads)
     lib = ort_pose.library
     names = list(lib.skeletons["coco17"].keypoints) + [
@@ -204,17 +286,22 @@ def main(argv: list[str] | None = None) -> int:
         "sdk-torch": lambda: torch_pose.locate(img, {r.name: r.description for r in requests}, [box]),
         "sdk-ort": lambda: ort_pose.locate(img, {r.name: r.description for r in requests}, [box]),
         "sdk-ort-flip": lambda: ort_pose.locate(img, {r.name: r.description for r in requests}, [box], flip=True),
+        "sdk-ort-int8": lambda: int8_pose.locate(img, {r.name: r.description for r in requests}, [box]),
     }
     outputs, times = timed({m: runners[m] for m in methods}, args.reps, args.warmup)
 
     gflops = matmul_peak_gflops()
+    ort_peaks = {"fp32": ort_matmul_peak_gops(False, threads=args.threads)}
+    if int8_pose is not None:
+        ort_peaks["int8"] = ort_matmul_peak_gops(True, threads=args.threads)
     passes = outputs["sdk-ort"].info["decoder_passes"] if "sdk-ort" in outputs else None
     prefix_len, tails = served_token_counts(ort_pose, requests)
     try:
-        flops = person_flops(manifest, prefix_len, tails, *grammar_token_counts(ort_pose.spec.grammar))
+        parts = person_flop_parts(manifest, prefix_len, tails, *grammar_token_counts(ort_pose.spec.grammar))
+        flops = sum(parts.values())
     except ValueError as e:
         print(f"FLOPs not reported: {e}")
-        flops = None
+        parts, flops = None, None
     k = len(requests)
     rows = []
     for m in methods:
@@ -230,7 +317,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         if m == "sdk-ort" and flops:
             row["fraction_of_matmul_peak"] = flops / p50 / (gflops * 1e9)
+            row["fraction_of_ort_fp32_peak"] = flops / p50 / (ort_peaks["fp32"] * 1e9)
+        if m == "sdk-ort-int8" and flops:
+            quantized = int8_flops(parts, int8_pose.manifest.precision)
+            at_peaks = quantized / (ort_peaks["int8"] * 1e9) + (flops - quantized) / (ort_peaks["fp32"] * 1e9)
+            row["int8_gflop_per_person"] = quantized / 1e9
+            row["fraction_of_mixed_peak"] = at_peaks / p50
+            row["fraction_of_ort_int8_peak"] = flops / p50 / (ort_peaks["int8"] * 1e9)
         rows.append(row)
+    if "sdk-ort" in times:
+        ort50 = statistics.median(times["sdk-ort"])
+        for row in rows:
+            row["speedup_vs_sdk_ort"] = ort50 / (row["p50_ms"] / 1e3)
     if "reference" in times:
         ref50 = statistics.median(times["reference"])
         for row in rows:
@@ -279,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime": ort_pose.backend.describe().get("onnxruntime"),
         },
         "matmul_peak_gflops": gflops,
+        "ort_matmul_peak_gops": ort_peaks,
+        "sdk_person_gflop_parts": {k: v / 1e9 for k, v in parts.items()} if parts else None,
         "sdk_person_gflop": flops / 1e9 if flops else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reference_vs_sdk_answer_agreement": agreement,
@@ -298,12 +398,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['method']:<12}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['keypoints_per_s']:>10.1f}"
             f"{r['persons_per_s']:>11.2f}{passes_s:>12}{sp:>9}"
         )
+    print("ONNX Runtime matmul peaks: " + ", ".join(f"{k} {v:.0f} GOP/s" for k, v in ort_peaks.items()) + " (2048^2)")
     for r in rows:
         if "fraction_of_matmul_peak" in r:
             print(
                 f"sdk-ort: {result['sdk_person_gflop']:.2f} GFLOP/person = {100 * r['fraction_of_matmul_peak']:.1f}% "
-                "of the matmul peak"
+                f"of the matmul peak (torch), {100 * r['fraction_of_ort_fp32_peak']:.1f}% of ONNX Runtime's fp32 peak"
             )
+        if "fraction_of_mixed_peak" in r:
+            print(
+                f"sdk-ort-int8: {r['int8_gflop_per_person']:.2f} of the {result['sdk_person_gflop']:.2f} GFLOP/person "
+                f"in int8; {100 * r['fraction_of_mixed_peak']:.1f}% of the int8 + fp32 peaks "
+                f"({100 * r['fraction_of_ort_int8_peak']:.1f}% of the int8 peak alone); "
+                f"{r.get('speedup_vs_sdk_ort', float('nan')):.2f}x sdk-ort"
+            )
+    if "sdk-ort-int8" in outputs and "sdk-ort" in outputs:
+        same = sum(a.answer == b.answer for a, b in zip(outputs["sdk-ort"][0], outputs["sdk-ort-int8"][0]))
+        result["int8_vs_fp32_identical_answers"] = same / k
+        print(f"sdk-ort-int8 vs sdk-ort identical answers: {same}/{k}")
     if agreement is not None:
         print(f"reference (greedy) vs sdk-ort (constrained) identical answers: {100 * agreement:.0f}%")
     if greedy_agreement is not None:

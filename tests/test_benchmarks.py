@@ -49,6 +49,34 @@ def test_throughput_smoke(tmp_path):
     assert (out / "scaling_tiny.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_throughput_int8_method_smoke(tmp_path):
+    """sdk-ort-int8 next to sdk-ort: the int8 engine built from the preset's (forced), its rows
+    and the fractions of the measured int8 and fp32 matmul peaks."""
+    from locllm_sdk.manifest import read_manifest
+
+    out, work = tmp_path / "results", tmp_path / "work"
+    args = ["--preset", "tiny", "--teach-format", "40", "--reps", "1", "--warmup", "0", "--sections", "compare"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *args, "--methods", "sdk-ort,sdk-ort-int8"]
+        + ["--workdir", str(work), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads((out / "throughput_tiny.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"sdk-ort", "sdk-ort-int8"}
+    assert result["ort_matmul_peak_gops"]["int8"] > 0 and result["ort_matmul_peak_gops"]["fp32"] > 0
+    int8 = rows["sdk-ort-int8"]
+    assert 0 < int8["int8_gflop_per_person"] < result["sdk_person_gflop"]
+    assert int8["fraction_of_mixed_peak"] > 0 and int8["speedup_vs_sdk_ort"] > 0
+    assert 0 <= result["int8_vs_fp32_identical_answers"] <= 1
+    (engine,) = (work / "int8").iterdir()
+    precision = read_manifest(engine).precision
+    assert (precision.vision, precision.decoder) == ("int8", "int8")
+
+
 def test_flop_model_matches_counted_flops(trained):
     """throughput.py's per-person FLOP model (behind "fraction of the matmul peak" and the
     marginal keypoint's FLOP ratio) agrees with torch's own count of the torch backend's
@@ -71,3 +99,10 @@ def test_flop_model_matches_counted_flops(trained):
         read_manifest(engine), prefix, tails, *throughput.grammar_token_counts(pose.spec.grammar)
     )
     assert 0.95 < model / counter.get_total_flops() < 1.05
+    # the linear layers alone (what an int8 engine runs in int8): the ViT's, the LM's and its head
+    parts = throughput.person_flop_parts(
+        read_manifest(engine), prefix, tails, *throughput.grammar_token_counts(pose.spec.grammar)
+    )
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    linear = sum(counted.get(op, 0) for op in ("aten.mm", "aten.addmm", "aten.convolution"))
+    assert 0.95 < (parts["vision_linear"] + parts["decoder_linear"] + parts["lm_head"]) / linear < 1.05
