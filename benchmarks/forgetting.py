@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-for _sub in ("sdk", "training"):
+for _sub in ("sdk", "training", "benchmarks"):
     sys.path.insert(0, str(_ROOT / _sub))
 
 DEMO = _ROOT / "models" / "demo"
@@ -269,11 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     ap.add_argument("--out", type=Path, help="write forgetting_demo.json here")
     args = ap.parse_args(argv)
+    # checked before the pretraining and fine-tunes (tens of minutes) start
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        ap.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    for flag, path in (("--train-coco", args.train_coco), ("--val-coco", args.val_coco)):
+        if not Path(path).is_file():
+            ap.error(f"{flag}: no such file {path}")
 
     import torch
     from locllm_sdk.protocol import PromptTokenizer
     from locllm_training.model import load_checkpoint
     from locllm_training.text_lm import perplexity
+    from throughput import cpu_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     tok = PromptTokenizer.from_dir(DEMO)
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     base_pck = None
     print(f"text LM: held-out perplexity {before:.2f} ({lm_facts['seconds']:.0f} s of pretraining)", flush=True)
     rows = {}
-    for name in [v for v in args.variants.split(",") if v]:
+    for name in variants:
         _, _, rank, alpha = VARIANTS[name]
         init = make_init(text_lm, args.workdir / f"init-r{rank}", rank, alpha)
         if base_pck is None:  # every init answers as the text LM (fresh adapters add zero)
@@ -309,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = row
         print(name, json.dumps(row), flush=True)
         del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     print(
         "\n| variant | trainable (adapter + projector) | held-out ppl before -> after | PCK@0.1 before -> after "
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {
-            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+            "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "text_lm": lm_facts,
             "variants": rows,
