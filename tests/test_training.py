@@ -250,3 +250,43 @@ def test_regrid_to_another_crop_size(tiny_checkpoint, tmp_path):
             [sys.executable, str(ROOT / "training" / "repack_checkpoint.py"), *args], capture_output=True, text=True
         )
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+def test_teach_format_on_the_last_layers_leaves_the_rest_untouched(tmp_path):
+    """``teach_format(layers=1)`` (how the 1B-class preset is taught) moves the last LM layer, the
+    final norm and the LM head only, and still teaches well-formed greedy answers."""
+    import torch
+    from locllm_sdk.protocol import PromptTokenizer
+    from locllm_training.init import init_checkpoint, preset_config, random_model, teach_format
+    from locllm_training.tokenizer_files import write_tokenizer
+
+    model = random_model(preset_config("tiny", image_size=56), seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teach_format(model, PromptTokenizer.from_dir(write_tokenizer(tmp_path / "tok")), steps=3, seed=3, layers=1)
+    last = len(model.llm.model.layers) - 1
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    allowed = (f"llm.model.layers.{last}.", "llm.model.norm.", "llm.lm_head.")
+    assert moved and all(k.startswith(allowed) for k in moved), sorted(moved)
+    assert any(k.startswith("llm.lm_head.") for k in moved) and any(k.startswith(allowed[0]) for k in moved)
+    with pytest.raises(ValueError, match="layers must be in"):
+        teach_format(model, PromptTokenizer.from_dir(tmp_path / "tok"), steps=1, layers=99)
+
+    ckpt = init_checkpoint(
+        "tiny", tmp_path / "ckpt", seed=3, image_size=56, teach_format_steps=150, teach_format_layers=1,
+        teach_format_lr=3e-3,
+    )  # fmt: skip
+    assert json.loads((ckpt / "config.json").read_text())["taught_format_layers"] == 1
+    import re
+
+    from locllm_sdk.descriptions import DescriptionLibrary
+    from locllm_training.model import load_checkpoint
+    from locllm_training.reference import reference_locate
+
+    taught = load_checkpoint(ckpt).eval()
+    lib = DescriptionLibrary.load()
+    requests = [(n, lib.descriptions[n]) for n in ("nose", "left wrist", "right knee")]
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 56, 56)).astype(np.float32)
+    answers = [
+        a.text for crop in reference_locate(taught, PromptTokenizer.from_dir(ckpt), pixels, requests) for a in crop
+    ]
+    assert all(re.fullmatch(r"\[0\.\d+,0\.\d+\]\s*", a) for a in answers), answers

@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STEPS",
         help="fit the random model STEPS steps to answer in the protocol's format (benchmarks, tests)",
     )
+    ap.add_argument(
+        "--teach-format-layers",
+        type=int,
+        metavar="N",
+        help="fit only the last N LM layers, the final norm and the LM head (default: every weight)",
+    )
+    ap.add_argument("--teach-format-lr", type=float, help="learning rate of the format fit (default: by width)")
     args = ap.parse_args(argv)
     out = init_checkpoint(
         args.preset,
@@ -42,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         legacy=args.legacy,
         image_size=args.image_size,
         teach_format_steps=args.teach_format,
+        teach_format_layers=args.teach_format_layers,
+        teach_format_lr=args.teach_format_lr,
     )
     from locllm_training.model import load_checkpoint
 

@@ -88,6 +88,7 @@ struct Manifest {
   std::string tokenizer_dir = "tokenizer";
   // backends.onnxruntime
   std::string vision, decoder, decoder_shared, embeddings;
+  std::vector<std::string> external_data;  // ONNX external-data files of the graphs
   std::map<std::string, FileEntry> files;
 
   static Manifest read(const std::string &engine_dir);

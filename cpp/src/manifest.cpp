@@ -63,6 +63,16 @@ struct Fields {  // one JSON object of the manifest; errors name "where.key"
     }
     return out;
   }
+  std::vector<std::string> strs(const std::string &key) const {
+    const json &v = raw(key);
+    if (!v.is_array()) bad(key, "must be a list of strings");
+    std::vector<std::string> out;
+    for (const auto &x : v) {
+      if (!x.is_string()) bad(key, "must be a list of strings");
+      out.push_back(x.get<std::string>());
+    }
+    return out;
+  }
   std::array<float, 3> floats3(const std::string &key) const {
     const json &v = raw(key);
     if (!v.is_array() || v.size() != 3) bad(key, "must hold 3 numbers");
@@ -197,6 +207,8 @@ Manifest Manifest::read(const std::string &engine_dir) {
   m.decoder = ort.str("decoder");
   m.embeddings = ort.str("embeddings");
   if (ort.has("decoder_shared")) m.decoder_shared = ort.str("decoder_shared");
+  // graphs past 2 GiB read their weights from these files (ONNX Runtime opens them itself)
+  if (ort.has("external_data")) m.external_data = ort.strs("external_data");
   const Fields files = f.obj("files");
   for (const auto &[name, entry] : files.data.items()) {
     const Fields e = files.obj(name);
@@ -219,13 +231,15 @@ void Manifest::verify_files(bool checksums) const {
   const std::string prefix = tokenizer_dir + "/";
   for (const auto &[name, entry] : files)
     if (name.compare(0, prefix.size(), prefix) == 0 || name == "descriptions.yaml") names.push_back(name);
-  for (const std::string *own : {&vision, &decoder, &decoder_shared, &embeddings}) {
-    if (own->empty()) continue;
-    if (!files.count(*own))
-      fail(LOCLLM_ENGINE_ERROR, "backends.onnxruntime names " + *own +
+  std::vector<std::string> own{vision, decoder, decoder_shared, embeddings};
+  own.insert(own.end(), external_data.begin(), external_data.end());
+  for (const std::string &name : own) {
+    if (name.empty()) continue;
+    if (!files.count(name))
+      fail(LOCLLM_ENGINE_ERROR, "backends.onnxruntime names " + name +
                                     ", which the manifest's files section does not list (every file the runtime "
                                     "opens must carry a checksum)");
-    names.push_back(*own);
+    names.push_back(name);
   }
   for (const char *read : {"tokenizer.model", "tokenizer_config.json", "added_tokens.json"}) {
     const std::string name = prefix + read;  // a tokenizer file the runtime reads must be listed

@@ -6,7 +6,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from locllm_sdk.protocol import PromptTokenizer, build_grammar
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past, head_dim_of
 from locllm_training.model import LLM_LORA_TARGETS, TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
+from .onnx_files import graphs_external_data
 from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
 from .quantize import PrecisionOptions, reduce_engine
 
@@ -421,6 +422,7 @@ def _write_engine(
         embeddings="embeddings.npy",
         opset=OPSET,
     )
+    onnx_files = replace(onnx_files, external_data=graphs_external_data(tmp, onnx_files))
     stage(4)
     report.checks.update(verify_onnx(tmp, merged, onnx_files))
     bar.update()

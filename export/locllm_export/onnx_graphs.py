@@ -10,6 +10,8 @@ from locllm_sdk.manifest import LOGITS, STEP_INPUTS, VISION_INPUT, VISION_OUTPUT
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past
 from locllm_training.model import LocLLM
 
+from .onnx_files import graph_target
+
 OPSET = 18
 
 
@@ -21,12 +23,12 @@ def export_vision_module(module: torch.nn.Module, image_size: int, path: Path, o
     """pixel_values [N,3,S,S] -> image_tokens [N,P,H], dynamic batch (TorchScript exporter)."""
     dummy = torch.randn(2, 3, image_size, image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), graph_target(path) as target:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             (dummy,),
-            str(path),
+            str(target),
             input_names=[VISION_INPUT],
             output_names=[VISION_OUTPUT],
             dynamic_axes={VISION_INPUT: {0: "batch"}, VISION_OUTPUT: {0: "batch"}},
@@ -104,12 +106,12 @@ def export_shared_step(model: LocLLM, path: Path, opset: int = OPSET) -> None:
 
 
 def _export(module, inputs, path: Path, in_names, out_names, dynamic_axes, opset: int) -> None:
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), graph_target(path) as target:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             inputs,
-            str(path),
+            str(target),
             input_names=in_names,
             output_names=out_names,
             dynamic_axes=dynamic_axes,

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from locllm_sdk.errors import ArgumentError, EngineError
-from locllm_sdk.manifest import EngineManifest, Precision, files_section
+from locllm_sdk.manifest import ORT_CPU, EngineManifest, Precision, files_section
+
+from .onnx_files import external_data_files, graph_target, graphs_external_data, save_graph
 
 PRECISIONS = ("fp32", "fp16-weights", "int8")
 # graphs of each part of the model, as the ONNX build names them
@@ -47,14 +49,16 @@ def quantize_graph_int8(src: Path, dst: Path) -> None:
     """``src`` -> ``dst`` with int8 MatMul/Gemm weights (ONNX Runtime's dynamic quantization)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        src,
-        dst,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with graph_target(dst) as target:
+        quantize_dynamic(
+            src,
+            target,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=bool(external_data_files(src)),
+            extra_options={"MatMulConstBOnly": True},
+        )
 
 
 # below this many elements an initializer (a norm's eps, a shape) is not worth converting
@@ -89,7 +93,7 @@ def store_weights_fp16(src: Path, dst: Path) -> None:
     nodes = [*casts, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
 
 
 QUANTIZERS: dict[str, Quantizer] = {"int8": quantize_graph_int8, "fp16-weights": store_weights_fp16}
@@ -199,6 +203,8 @@ def reduce_engine(
     quantizers = QUANTIZERS if quantizers is None else quantizers
     manifest = EngineManifest.read(fp32_dir)
     reduced = {g: p for part, p in parts.items() if p != "fp32" for g in PART_GRAPHS[part]}
+    # a reduced graph writes its own weights (inline or in its own external-data file)
+    replaced = {d for g in reduced if g in manifest.files for d in external_data_files(fp32_dir / g)}
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -208,8 +214,13 @@ def reduce_engine(
             dst.parent.mkdir(parents=True, exist_ok=True)
             if name in reduced:
                 quantizers[reduced[name]](fp32_dir / name, dst)
-            else:
+            elif name not in replaced:
                 shutil.copyfile(fp32_dir / name, dst)
+        onnx_entry = manifest.backend(ORT_CPU)
+        backends = {
+            **manifest.backends,
+            ORT_CPU: replace(onnx_entry, external_data=graphs_external_data(out_dir, onnx_entry)),
+        }
         precision = Precision(
             vision=vision,
             decoder=decoder,
@@ -217,7 +228,7 @@ def reduce_engine(
             vision_method=METHODS.get(vision, ""),
             decoder_method=METHODS.get(decoder, ""),
         )
-        manifest.replace(precision=precision, files=files_section(out_dir)).write(out_dir)
+        manifest.replace(precision=precision, backends=backends, files=files_section(out_dir)).write(out_dir)
         agreement = answer_agreement(fp32_dir, out_dir, calibration_scenes(calibration_images))
         label = f"{vision} vision / {decoder} decoder"
         if agreement.fraction < min_agreement and not force:
@@ -235,7 +246,10 @@ def reduce_engine(
             "reduced-precision forced": float(force and agreement.fraction < min_agreement),
         }
         manifest.replace(
-            precision=precision, files=files_section(out_dir), verification={**manifest.verification, **gate}
+            precision=precision,
+            backends=backends,
+            files=files_section(out_dir),
+            verification={**manifest.verification, **gate},
         ).write(out_dir)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -404,6 +404,9 @@ class OnnxRuntimeEntry:
     embeddings: str
     decoder_shared: str | None = None  # engines from format-1 builds before the cascade graph lack it
     opset: int | None = None
+    # ONNX external-data files the graphs read their weights from (graphs past protobuf's 2 GiB
+    # limit): opened by ONNX Runtime, not by us, so listed here to be checksummed with the graphs
+    external_data: tuple[str, ...] = ()
 
     @classmethod
     def _read(cls, f: _Fields) -> OnnxRuntimeEntry:
@@ -413,13 +416,22 @@ class OnnxRuntimeEntry:
             embeddings=f.str("embeddings"),
             decoder_shared=f.str("decoder_shared", None),
             opset=f.int("opset", None),
+            external_data=f.strs("external_data", ()),
         )
 
+    def graphs(self) -> list[str]:
+        return [n for n in (self.vision, self.decoder, self.decoder_shared) if n]
+
     def files(self) -> list[str]:
-        return [n for n in (self.vision, self.decoder, self.decoder_shared, self.embeddings) if n]
+        return [*self.graphs(), self.embeddings, *self.external_data]
 
     def to_dict(self) -> dict:
-        return _drop_none(asdict(self))
+        out = _drop_none(asdict(self))
+        if not self.external_data:  # manifests of graphs without external data stay as they were
+            del out["external_data"]
+        else:
+            out["external_data"] = list(self.external_data)
+        return out
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def teach_format(
     lr: float | None = None,
     batch: int = 4,
     protocol: str | None = None,
+    layers: int | None = None,
 ) -> LocLLM:
     """Fit a random model for a few steps, on random crops, to answer in the protocol's
     format: each keypoint gets its own typical position (+ noise), so answers differ per
@@ -77,7 +78,9 @@ def teach_format(
     subject for parity, batching and greedy-vs-constrained comparisons. Not a trained model.
 
     ``protocol``: the model config's by default; with the grouped protocol each round asks a
-    body-part group and answers its joints' positions in order."""
+    body-part group and answers its joints' positions in order. ``layers``: fit only the last
+    ``layers`` LM layers, the final norm and the LM head (everything by default): a 1B-class
+    model's full AdamW state does not fit a CPU box, and the backward pass then stops there."""
     import numpy as np
     from locllm_sdk.descriptions import DescriptionLibrary
     from locllm_sdk.protocol import format_answer, format_group_answer, protocol_groups
@@ -92,9 +95,19 @@ def teach_format(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model.train()
-    for p in model.parameters():  # peft froze the base weights; fit everything here
+    llm = model.llm
+    if layers is None:
+        trainable = list(model.parameters())  # peft froze the base weights; fit everything here
+    else:
+        if not 0 <= layers <= len(llm.model.layers):
+            raise ValueError(f"layers must be in [0, {len(llm.model.layers)}], got {layers}")
+        tail = llm.model.layers[len(llm.model.layers) - layers :]
+        trainable = [*tail.parameters(), *llm.model.norm.parameters(), *llm.lm_head.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(trainable, lr=lr)
     prefix = tokenizer.prefix_ids(cfg.num_patches)
     centre = {name: rng.uniform(0.1, 0.9, cfg.coord_dims) for name in names}
     groups = protocol_groups(protocol or cfg.protocol_version)
@@ -143,6 +156,8 @@ def init_checkpoint(
     teach_format_steps: int = 0,
     lora: bool = True,
     protocol: str | None = None,
+    teach_format_layers: int | None = None,
+    teach_format_lr: float | None = None,
 ) -> Path:
     """``lora=False``: no adapters (no peft injection), e.g. for a machine whose transformers
     names the HF modules differently (5.x) than the LoRA targets (4.57). ``protocol``: the
@@ -161,6 +176,15 @@ def init_checkpoint(
         if teach_format_steps:
             from locllm_sdk.protocol import PromptTokenizer
 
-            teach_format(model, PromptTokenizer.from_dir(tok), teach_format_steps, seed=seed)
+            teach_format(
+                model,
+                PromptTokenizer.from_dir(tok),
+                teach_format_steps,
+                seed=seed,
+                lr=teach_format_lr,
+                layers=teach_format_layers,
+            )
             extra["taught_format_steps"] = teach_format_steps
+            if teach_format_layers is not None:
+                extra["taught_format_layers"] = teach_format_layers
         return save_checkpoint(model, tok, output, extra=extra)

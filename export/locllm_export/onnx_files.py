@@ -1,0 +1,89 @@
+"""Where an engine's ONNX graphs keep their weights: inline, or past protobuf's 2 GiB limit in
+one external-data file beside the graph, which the manifest lists and checksums (torch-free)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from locllm_sdk.errors import EngineError
+
+# protobuf refuses messages of 2 GiB or more; a graph whose weights (with a margin for its nodes)
+# pass this keeps them in one ONNX external-data file beside it, ``NAME.onnx.data``
+MAX_INLINE_BYTES = 2**31 - 2**26
+DATA_SUFFIX = ".data"
+
+
+def _graph_bytes(model) -> int:
+    """The serialized size of a graph, summed over its parts (one >2 GiB message cannot be sized)."""
+    g = model.graph
+    return sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node)
+
+
+def save_graph(model, path: Path) -> None:
+    """Write ``model`` to ``path``: one file, or, past ``MAX_INLINE_BYTES``, the graph with every
+    weight in ``path.name + DATA_SUFFIX`` (one external-data file; ONNX Runtime and TensorRT's
+    parser read it from beside the graph)."""
+    import onnx
+
+    data = path.with_name(path.name + DATA_SUFFIX)
+    data.unlink(missing_ok=True)
+    if _graph_bytes(model) <= MAX_INLINE_BYTES:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+
+
+def external_data_files(path: Path) -> tuple[str, ...]:
+    """The external-data files the graph at ``path`` reads (names beside it; none for a graph
+    that holds its weights). A location outside the graph's folder is an EngineError."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = dict.fromkeys(
+        e.value
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    )
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise EngineError(f"{path}: external data at {name!r}, not a file beside the graph")
+    return tuple(names)
+
+
+def graphs_external_data(engine_dir: Path, entry) -> tuple[str, ...]:
+    """The external-data files of an ``OnnxRuntimeEntry``'s graphs in ``engine_dir``."""
+    return tuple(dict.fromkeys(d for g in entry.graphs() for d in external_data_files(engine_dir / g)))
+
+
+@contextlib.contextmanager
+def graph_target(path: Path) -> Iterator[Path]:
+    """A path to write a graph to (torch's exporter, a quantizer) in a folder of its own: past
+    2 GiB they scatter its weights into files of their own naming there. On exit the graph is
+    moved to ``path``, in one file or with one ``DATA_SUFFIX`` file (``save_graph``)."""
+    scratch = path.with_name(f".{path.name}.writing")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch / path.name
+        written = scratch / path.name
+        if [p.name for p in scratch.iterdir()] == [path.name] and written.stat().st_size <= MAX_INLINE_BYTES:
+            path.with_name(path.name + DATA_SUFFIX).unlink(missing_ok=True)
+            written.replace(path)  # the common case: one small file, bytes as written
+        else:
+            import onnx
+
+            save_graph(onnx.load(str(written)), path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
