@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         got = int8_pose.manifest.model.checkpoint_sha256, ort_pose.manifest.model.checkpoint_sha256
         if got[0] != got[1]:
             ap.error(f"--engine-int8 {int8_dir} is an engine of another checkpoint than {engine}")
-    torch_pose = Pose(ckpt, backend="torch", threads=args.threads)
+    # only when measured: a 1B-class model's torch copy is 4 GB more resident memory
+    torch_pose = Pose(ckpt, backend="torch", threads=args.threads) if "sdk-torch" in methods else None
     lib = ort_pose.library
     names = list(lib.skeletons["coco17"].keypoints) + [
         n for n in lib.descriptions if n not in lib.skeletons["coco17"].keypoints

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         teach_format_steps=args.teach_format,
         teach_format_layers=args.teach_format_layers,
         teach_format_lr=args.teach_format_lr,
+        progress=True,
     )
     from locllm_training.model import load_checkpoint
 

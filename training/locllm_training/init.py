@@ -70,6 +70,7 @@ def teach_format(
     batch: int = 4,
     protocol: str | None = None,
     layers: int | None = None,
+    progress: bool = False,
 ) -> LocLLM:
     """Fit a random model for a few steps, on random crops, to answer in the protocol's
     format: each keypoint gets its own typical position (+ noise), so answers differ per
@@ -80,7 +81,8 @@ def teach_format(
     ``protocol``: the model config's by default; with the grouped protocol each round asks a
     body-part group and answers its joints' positions in order. ``layers``: fit only the last
     ``layers`` LM layers, the final norm and the LM head (everything by default): a 1B-class
-    model's full AdamW state does not fit a CPU box, and the backward pass then stops there."""
+    model's full AdamW state does not fit a CPU box, and the backward pass then stops there.
+    ``progress``: a tqdm bar with the loss (stderr)."""
     import numpy as np
     from locllm_sdk.descriptions import DescriptionLibrary
     from locllm_sdk.protocol import format_answer, format_group_answer, protocol_groups
@@ -115,7 +117,10 @@ def teach_format(
     def value(name: str):
         return np.clip(centre[name] + rng.normal(0, 0.03, cfg.coord_dims), 0, 0.999)
 
-    for _ in range(steps):
+    from tqdm import tqdm
+
+    bar = tqdm(range(steps), desc="teaching the answer format", unit="step", disable=not progress)
+    for _ in bar:
         ids_batch, label_batch = [], []
         for _ in range(batch):
             ids, labels = list(prefix), [-100] * len(prefix)
@@ -143,6 +148,7 @@ def teach_format(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval()
 
 
@@ -158,6 +164,7 @@ def init_checkpoint(
     protocol: str | None = None,
     teach_format_layers: int | None = None,
     teach_format_lr: float | None = None,
+    progress: bool = False,
 ) -> Path:
     """``lora=False``: no adapters (no peft injection), e.g. for a machine whose transformers
     names the HF modules differently (5.x) than the LoRA targets (4.57). ``protocol``: the
@@ -183,6 +190,7 @@ def init_checkpoint(
                 seed=seed,
                 lr=teach_format_lr,
                 layers=teach_format_layers,
+                progress=progress,
             )
             extra["taught_format_steps"] = teach_format_steps
             if teach_format_layers is not None:
