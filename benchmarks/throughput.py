@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         same = sum(a.answer == b.answer for a, b in zip(outputs["sdk-ort"][0], outputs["sdk-ort-int8"][0]))
         result["int8_vs_fp32_identical_answers"] = same / k
         print(f"sdk-ort-int8 vs sdk-ort identical answers: {same}/{k}")
+    if "sdk-ort-int8" in outputs and "reference" in outputs:
+        same = sum(a.text == b.answer for a, b in zip(outputs["reference"], outputs["sdk-ort-int8"][0]))
+        result["reference_vs_int8_answer_agreement"] = same / k
+        print(f"reference (greedy) vs sdk-ort-int8 (constrained) identical answers: {same}/{k}")
     if agreement is not None:
         print(f"reference (greedy) vs sdk-ort (constrained) identical answers: {100 * agreement:.0f}%")
     if greedy_agreement is not None:

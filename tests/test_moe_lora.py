@@ -493,3 +493,37 @@ def test_moe_serving_benchmark_smoke(tmp_path):
     layers = 2  # the tiny preset's LM: q and v of each layer carry a gate
     for graph in ("decoder.onnx", "decoder_shared.onnx"):
         assert result["graphs"]["moe"][graph]["TopK"] == 2 * layers and result["graphs"]["plain"][graph]["TopK"] == 0
+
+
+@pytest.mark.slow
+def test_cpp_runtime_answers_the_moe_engine_as_pose(moe_engine, tmp_path):
+    """The gate and the experts are ONNX nodes of the decoder graphs: the C++ runtime serves an
+    MoE-LoRA engine unchanged, answering as ``Pose.locate`` does."""
+    import json
+    import shutil
+    import subprocess
+
+    import cv2
+    from locllm_sdk import Pose
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    from cpp_latency import ensure_built
+
+    build = ensure_built()
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, stdout=subprocess.DEVNULL)
+    _, engine = moe_engine
+    image = np.random.default_rng(2).integers(0, 255, (180, 150, 3), dtype=np.uint8)
+    path = tmp_path / "scene.png"
+    cv2.imwrite(str(path), image)
+    boxes = [[5, 10, 90, 150], [60, 20, 85, 155]]
+    names = ["nose", "left_wrist", "right_knee", "neck"]
+    args = [str(build / "locllm_cpp"), "locate", str(path), "-m", str(engine), "--json"]
+    args += [a for n in names for a in ("-k", n)]
+    args += [a for b in boxes for a in ("--box", ",".join(repr(float(v)) for v in b))]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)["persons"]
+    want = Pose(engine, backend="onnxruntime").locate(str(path), names, boxes=boxes)
+    assert [[k["answer"] for k in p["keypoints"]] for p in got] == [[k.answer for k in p] for p in want]
+    assert [[k["name"] for k in p["keypoints"]] for p in got] == [[k.name for k in p] for p in want]
