@@ -481,3 +481,34 @@ def test_train_protocol_names():
     assert protocol_version_of(GROUPED_PROTOCOL_VERSION) == GROUPED_PROTOCOL_VERSION
     with pytest.raises(ArgumentError, match="protocol must be one of .* got 'by-limb'"):
         protocol_version_of("by-limb")
+
+
+@pytest.mark.slow
+def test_grouping_benchmark_runs_both_protocols_side_by_side(grouped, trained, tmp_path):
+    """benchmarks/grouping.py on two tiny models and 3 rendered val images: scores every GT
+    person with each model and reads rows and passes from the pipeline's own counts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from grouping import main
+
+    root = Path(__file__).resolve().parent.parent
+    render = [sys.executable, str(root / "training" / "make_synthpose.py"), "--output", str(tmp_path / "val")]
+    subprocess.run([*render, "--images", "3", "--seed", "7", "--split", "val"], check=True, capture_output=True)
+    gt = tmp_path / "val" / "annotations" / "person_keypoints_val.json"
+    out = tmp_path / "grouping.json"
+    args = ["--per-keypoint", str(trained[2][0]), "--grouped", str(grouped[0]), "--gt", str(gt)]
+    assert main([*args, "--latency-images", "1", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    doc = json.loads(gt.read_text())
+    assert result["persons"] == sum(1 for a in doc["annotations"] if a.get("num_keypoints", 1) > 0)
+    per, grp = result["per_keypoint"], result["grouped"]
+    assert (per["protocol_version"], grp["protocol_version"]) == ("locllm-v1", GROUPED_PROTOCOL_VERSION)
+    # one row per keypoint and 6 passes (2D) vs one row per group and 6 passes per joint of a group
+    assert per["per_person"]["coco17"] == {"rows": 17, "decoder_passes": 6, "keypoints": 17}
+    assert grp["per_person"]["coco17"] == {"rows": 6, "decoder_passes": 18, "keypoints": 17}
+    assert grp["per_person"]["all_22"] == {"rows": 7, "decoder_passes": 18 + 24, "keypoints": 22}
+    for model in (per, grp):
+        assert 0.0 <= model["PCK@0.1"]["mean"] <= 1.0 and len(model["PCK@0.1"]["per_joint"]) == 22
+        assert len(model["latency_ms_per_person"]["all"]) == 3 and len(model["latency_ms_per_person"]["coco17"]) == 1
