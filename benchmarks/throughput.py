@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="threads for torch and ORT (default: all cores)")
     ap.add_argument("--sections", default="compare,ablation,scaling", help="compare, ablation, scaling")
     ap.add_argument("--out", type=Path, help="write results JSON (and the scaling plot) here")
+    ap.add_argument("--label", help="the model's name in the results (default: the preset or checkpoint folder)")
     args = ap.parse_args(argv)
 
     import torch
@@ -238,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.checkpoint and args.engine:
         ckpt, engine = args.checkpoint, args.engine
-        label = ckpt.name
+        label = args.label or ckpt.name
     else:
         ckpt, engine = ensure_model(args.preset, args.workdir, args.teach_format)
-        label = args.preset
+        label = args.label or args.preset
     manifest = read_manifest(engine)
     sections = {x.strip() for x in args.sections.split(",")}
     methods = [m.strip() for m in args.methods.split(",")] if "compare" in sections else []
