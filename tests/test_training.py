@@ -2,6 +2,7 @@
 checkpoint serves through Pose with torch and ORT backends agreeing."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,18 @@ def test_teach_format_on_the_last_layers_leaves_the_rest_untouched(tmp_path):
         a.text for crop in reference_locate(taught, PromptTokenizer.from_dir(ckpt), pixels, requests) for a in crop
     ]
     assert all(re.fullmatch(r"\[0\.\d+,0\.\d+\]\s*", a) for a in answers), answers
+
+
+def test_init_checkpoint_refuses_bad_teach_format_layers_before_building(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "training"))
+    from init_checkpoint import main
+
+    for argv, message in (
+        (["--teach-format", "5", "--teach-format-layers", "3"], r"must be in \[0, 2\] for the tiny preset"),
+        (["--teach-format-layers", "1"], "needs --teach-format STEPS"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--preset", "tiny", "--output", str(tmp_path / "ckpt"), *argv])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "ckpt").exists()

@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--teach-format-lr", type=float, help="learning rate of the format fit (default: by width)")
     args = ap.parse_args(argv)
+    if args.teach_format_layers is not None:  # checked before a 1B-class model is built
+        layers = PRESETS[args.preset]["llm"]["num_hidden_layers"]
+        if not args.teach_format:
+            ap.error("--teach-format-layers needs --teach-format STEPS")
+        if not 0 <= args.teach_format_layers <= layers:
+            ap.error(f"--teach-format-layers must be in [0, {layers}] for the {args.preset} preset")
     out = init_checkpoint(
         args.preset,
         args.output,
