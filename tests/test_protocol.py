@@ -16,6 +16,7 @@ from locllm_sdk.protocol import (
     ProtocolError,
     build_grammar,
     format_answer,
+    is_well_formed,
     max_softmax,
     parse_answer,
     prompt_text,
@@ -120,6 +121,20 @@ def test_grammar_refuses_tokenizer_without_single_digit_tokens(tokenizers, monke
 def test_format_answer():
     assert format_answer([0.1234, 0.5]) == "[0.123,0.500]"
     assert format_answer([0.1, 0.2, 0.75]) == "[0.100,0.200,0.750000]"
+
+
+def test_is_well_formed_accepts_exactly_what_format_answer_writes():
+    rng = np.random.default_rng(0)
+    for dims in (2, 3):
+        for values in rng.uniform(0, 1, (20, dims)):
+            assert is_well_formed(format_answer(values), dims)
+            assert is_well_formed(format_answer(values) + " \n", dims)  # trailing whitespace, as decoded
+    for text in ("[0.3,0.3,0.3,", "[0.123,0.456", "[0.12,0.456]", "[0.123,0.456,0.789]", "[1.123,0.456]",
+                 "0.123,0.456]", "[0.123, 0.456]", " [0.123,0.456]", "[0.123,0.456]]"):  # fmt: skip
+        assert not is_well_formed(text, 2), text
+    assert not is_well_formed("[0.100,0.200,0.75]", 3)
+    with pytest.raises(ProtocolError, match="dims must be 2 or 3"):
+        is_well_formed("[0.1]", 1)
 
 
 def test_parse_answer_official_quirks():

@@ -293,6 +293,47 @@ def test_teach_format_on_the_last_layers_leaves_the_rest_untouched(tmp_path):
     assert all(re.fullmatch(r"\[0\.\d+,0\.\d+\]\s*", a) for a in answers), answers
 
 
+def test_teach_format_warmup_starts_the_learning_rate_near_zero(tmp_path):
+    """``warmup=W``: step 1 runs at lr/(W+1), so a huge W leaves the weights (nearly) where they were
+    while the same step without warm-up moves them by about lr (Adam's first step)."""
+    from locllm_sdk.protocol import PromptTokenizer
+    from locllm_training.init import preset_config, random_model, teach_format
+    from locllm_training.tokenizer_files import write_tokenizer
+
+    tok = PromptTokenizer.from_dir(write_tokenizer(tmp_path / "tok"))
+    moves = {}
+    for warmup in (0, 10**6):
+        model = random_model(preset_config("tiny", image_size=56), seed=3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        teach_format(model, tok, steps=1, seed=3, lr=1e-2, batch=1, warmup=warmup)
+        moves[warmup] = max((v - before[k]).abs().max().item() for k, v in model.state_dict().items())
+    assert moves[0] > 5e-3 and moves[10**6] < 1e-6, moves
+    with pytest.raises(ValueError, match="warmup and check_every must be >= 0"):
+        teach_format(model, tok, steps=1, warmup=-1)
+
+
+def test_teach_format_check_stops_once_greedy_answers_are_well_formed(tmp_path):
+    """``check_every``: the fit stops at the first check whose greedy answers are all well-formed
+    and says how many steps it took; too short a fit reports that its answers are not."""
+    from locllm_sdk.protocol import GROUPED_PROTOCOL_VERSION, PromptTokenizer
+    from locllm_training.init import init_checkpoint, preset_config, random_model, teach_format
+    from locllm_training.tokenizer_files import write_tokenizer
+
+    ckpt = init_checkpoint("tiny", tmp_path / "ckpt", seed=3, image_size=56, teach_format_steps=600,
+                           teach_format_check_every=20)  # fmt: skip
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["taught_format_well_formed"] is True
+    assert 0 < config["taught_format_steps"] < 600 and config["taught_format_steps"] % 20 == 0
+
+    tok = PromptTokenizer.from_dir(write_tokenizer(tmp_path / "tok"))
+    model = random_model(preset_config("tiny", image_size=56), seed=3)
+    fit = teach_format(model, tok, steps=3, seed=3, check_every=2)  # checked at step 2 and at the end
+    assert (fit.steps, fit.well_formed) == (3, False)
+    assert not model.training
+    with pytest.raises(ValueError, match="grouped protocol"):
+        teach_format(model, tok, steps=1, check_every=1, protocol=GROUPED_PROTOCOL_VERSION)
+
+
 def test_init_checkpoint_refuses_bad_teach_format_layers_before_building(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "training"))
     from init_checkpoint import main
@@ -300,6 +341,9 @@ def test_init_checkpoint_refuses_bad_teach_format_layers_before_building(tmp_pat
     for argv, message in (
         (["--teach-format", "5", "--teach-format-layers", "3"], r"must be in \[0, 2\] for the tiny preset"),
         (["--teach-format-layers", "1"], "needs --teach-format STEPS"),
+        (["--teach-format", "5", "--teach-format-batch", "0"], "--teach-format-batch must be >= 1"),
+        (["--teach-format", "5", "--teach-format-warmup", "-1"], "--teach-format-warmup and"),
+        (["--teach-format", "5", "--teach-format-check-every", "-1"], "--teach-format-check-every >= 0"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--preset", "tiny", "--output", str(tmp_path / "ckpt"), *argv])

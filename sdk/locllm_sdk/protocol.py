@@ -97,6 +97,15 @@ def format_answer(values: Sequence[float]) -> str:
     return "[" + ",".join(f"{v:.{d}f}" for v, d in zip(values, decimals)) + "]"
 
 
+def is_well_formed(text: str, dims: int) -> bool:
+    """Whether ``text`` (trailing whitespace aside) is an answer as ``format_answer`` writes one:
+    ``[0.123,0.456]`` for 2D, ``[0.123,0.456,0.654321]`` for 3D."""
+    if dims not in DECIMALS:
+        raise ProtocolError(f"coordinate dims must be 2 or 3, got {dims}")
+    pattern = r"\[" + ",".join(rf"0\.\d{{{d}}}" for d in DECIMALS[dims]) + r"\]"
+    return re.fullmatch(pattern, text.rstrip()) is not None
+
+
 def depth_to_unit(depth_mm: float) -> float:
     return depth_mm / DEPTH_RANGE_MM + 0.5
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,6 +62,12 @@ def random_model(config: LocLLMConfig, seed: int = 0, random_lora: bool = True) 
     return model.eval()
 
 
+@dataclass(frozen=True)
+class FormatFit:
+    steps: int  # steps run
+    well_formed: bool | None  # the last greedy check (None: not checked)
+
+
 def teach_format(
     model: LocLLM,
     tokenizer,
@@ -71,7 +78,9 @@ def teach_format(
     protocol: str | None = None,
     layers: int | None = None,
     progress: bool = False,
-) -> LocLLM:
+    warmup: int = 0,
+    check_every: int = 0,
+) -> FormatFit:
     """Fit a random model for a few steps, on random crops, to answer in the protocol's
     format: each keypoint gets its own typical position (+ noise), so answers differ per
     request while the last digits (close to uniform) swing with the image. A random model
@@ -82,10 +91,14 @@ def teach_format(
     body-part group and answers its joints' positions in order. ``layers``: fit only the last
     ``layers`` LM layers, the final norm and the LM head (everything by default): a 1B-class
     model's full AdamW state does not fit a CPU box, and the backward pass then stops there.
-    ``progress``: a tqdm bar with the loss (stderr)."""
+    ``progress``: a tqdm bar with the loss (stderr). ``warmup``: the learning rate rises linearly
+    over the first ``warmup`` steps (a 2048-wide model diverges at a rate it needs, started cold).
+    ``check_every``: every that many steps, greedy answers (the official procedure) to a few
+    keypoints on a fresh random crop; the fit stops once all are well-formed. Per-keypoint
+    protocol only. Returns the steps run and the last check's outcome; the model is left in eval mode."""
     import numpy as np
     from locllm_sdk.descriptions import DescriptionLibrary
-    from locllm_sdk.protocol import format_answer, format_group_answer, protocol_groups
+    from locllm_sdk.protocol import format_answer, format_group_answer, is_well_formed, protocol_groups
 
     cfg = model.config
     if lr is None:
@@ -109,10 +122,26 @@ def teach_format(
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
+    if warmup < 0 or batch < 1 or check_every < 0:
+        raise ValueError(f"warmup and check_every must be >= 0 and batch >= 1, got {warmup}, {check_every}, {batch}")
     opt = torch.optim.AdamW(trainable, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     prefix = tokenizer.prefix_ids(cfg.num_patches)
     centre = {name: rng.uniform(0.1, 0.9, cfg.coord_dims) for name in names}
     groups = protocol_groups(protocol or cfg.protocol_version)
+    if check_every and groups:
+        raise ValueError("check_every checks per-keypoint answers; the grouped protocol has none")
+    check_rng = np.random.default_rng(seed + 1)  # its own stream: checking leaves the fit unchanged
+    check_names = names[:: max(1, len(names) // 4)][:4]
+
+    def greedy_well_formed() -> bool:
+        from .reference import reference_locate
+
+        model.eval()
+        pixels = check_rng.standard_normal((1, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+        answers = reference_locate(model, tokenizer, pixels, [(n, lib.descriptions[n]) for n in check_names])[0]
+        model.train()
+        return all(is_well_formed(a.text, cfg.coord_dims) for a in answers)
 
     def value(name: str):
         return np.clip(centre[name] + rng.normal(0, 0.03, cfg.coord_dims), 0, 0.999)
@@ -120,7 +149,8 @@ def teach_format(
     from tqdm import tqdm
 
     bar = tqdm(range(steps), desc="teaching the answer format", unit="step", disable=not progress)
-    for _ in bar:
+    run, well_formed = 0, None
+    for step in bar:
         ids_batch, label_batch = [], []
         for _ in range(batch):
             ids, labels = list(prefix), [-100] * len(prefix)
@@ -148,8 +178,16 @@ def teach_format(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
+        run = step + 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return model.eval()
+        if check_every and (run % check_every == 0 or run == steps):
+            well_formed = greedy_well_formed()
+            bar.set_postfix(loss=f"{loss.item():.4f}", well_formed=well_formed)
+            if well_formed:
+                break
+    model.eval()
+    return FormatFit(steps=run, well_formed=well_formed)
 
 
 def init_checkpoint(
@@ -165,6 +203,9 @@ def init_checkpoint(
     teach_format_layers: int | None = None,
     teach_format_lr: float | None = None,
     progress: bool = False,
+    teach_format_batch: int = 4,
+    teach_format_warmup: int = 0,
+    teach_format_check_every: int = 0,
 ) -> Path:
     """``lora=False``: no adapters (no peft injection), e.g. for a machine whose transformers
     names the HF modules differently (5.x) than the LoRA targets (4.57). ``protocol``: the
@@ -183,7 +224,7 @@ def init_checkpoint(
         if teach_format_steps:
             from locllm_sdk.protocol import PromptTokenizer
 
-            teach_format(
+            fit = teach_format(
                 model,
                 PromptTokenizer.from_dir(tok),
                 teach_format_steps,
@@ -191,8 +232,14 @@ def init_checkpoint(
                 lr=teach_format_lr,
                 layers=teach_format_layers,
                 progress=progress,
+                batch=teach_format_batch,
+                warmup=teach_format_warmup,
+                check_every=teach_format_check_every,
             )
-            extra["taught_format_steps"] = teach_format_steps
+            extra["taught_format_steps"] = fit.steps
+            if fit.well_formed is not None:
+                extra["taught_format_well_formed"] = fit.well_formed
             if teach_format_layers is not None:
                 extra["taught_format_layers"] = teach_format_layers
+            extra["taught_format_batch"] = teach_format_batch
         return save_checkpoint(model, tok, output, extra=extra)
