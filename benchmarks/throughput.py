@@ -431,10 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     save(result, args.out, label)
     if "ablation" in sections:
-        result["ablation"] = ablation_ladder(ort_pose, pixels, requests, args.reps, args.warmup)
+        result["ablation"] = ablation_ladder(ort_pose, pixels, requests, args.reps, args.warmup, int8_pose)
         save(result, args.out, label)
     if "scaling" in sections:
         result["scaling"] = scaling(ort_pose, img, args.reps, args.warmup, manifest)
+        if int8_pose is not None:  # the same sweep on the int8 engine (its FLOPs are the fp32 engine's)
+            save(result, args.out, label)
+            result["scaling_int8"] = scaling(int8_pose, img, args.reps, args.warmup, manifest, name="sdk-ort-int8")
     if args.out:
         save(result, args.out, label)
         if "scaling" in result:
@@ -450,15 +453,23 @@ def save(result: dict, out: Path | None, label: str) -> None:
         (out / f"throughput_{label}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def ablation_ladder(pose, pixels, requests, reps: int, warmup: int) -> list[dict]:
+INT8_RUNG = "sdk-int8"  # the last rung on the int8 engine: precision as one more step of the ladder
+
+
+def ablation_ladder(pose, pixels, requests, reps: int, warmup: int, int8_pose=None) -> list[dict]:
+    """Each rung's median time, side by side; with ``int8_pose`` a last rung runs the final
+    one on the int8 engine ("answers == previous rung": int8 == fp32)."""
     from ablation import RUNGS, run_rung
 
-    outputs, times = timed({r: (lambda r=r: run_rung(r, pose, pixels, requests)) for r in RUNGS}, reps, warmup)
+    calls = {r: (lambda r=r: run_rung(r, pose, pixels, requests)) for r in RUNGS}
+    if int8_pose is not None:
+        calls[INT8_RUNG] = lambda: run_rung(RUNGS[-1], int8_pose, pixels, requests)
+    outputs, times = timed(calls, reps, warmup)
     base = statistics.median(times[RUNGS[0]])
     rows, prev = [], None
     print(f"ablation ({len(requests)} keypoints, 1 person, onnxruntime):")
     print(f"  {'rung':<22}{'p50 ms':>10}{'vs naive':>10}{'vs prev':>9}  answers == previous rung")
-    for r in RUNGS:
+    for r in calls:
         p50 = statistics.median(times[r])
         same = None if prev is None else outputs[r] == outputs[prev]
         rows.append(
@@ -501,7 +512,7 @@ def extra_keypoint_flop_fraction(manifest: dict, pose) -> float:
     return slope / flops[0]
 
 
-def scaling(pose, img, reps: int, warmup: int, manifest: dict | None = None) -> dict:
+def scaling(pose, img, reps: int, warmup: int, manifest: dict | None = None, name: str = "sdk-ort") -> dict:
     rng = np.random.default_rng(1)
     h, w = img.shape[:2]
     out: dict = {"keypoints": [], "persons": []}
@@ -523,7 +534,7 @@ def scaling(pose, img, reps: int, warmup: int, manifest: dict | None = None) -> 
     out["ms_per_extra_keypoint"] = slope
     out["one_keypoint_ms"] = float(ms[0])
     out["extra_keypoint_fraction_of_one"] = slope / float(ms[0])
-    print("scaling (sdk-ort):")
+    print(f"scaling ({name}):")
     print("  keypoints: " + ", ".join(f"{r['keypoints']}: {r['p50_ms']:.0f} ms" for r in out["keypoints"]))
     print("  persons (17 kpts): " + ", ".join(f"{r['persons']}: {r['p50_ms']:.0f} ms" for r in out["persons"]))
     print(f"  one more keypoint costs {slope:.1f} ms = {100 * slope / ms[0]:.1f}% of the one-keypoint latency")
@@ -548,6 +559,9 @@ def plot_scaling(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     k = [r["keypoints"] for r in sc["keypoints"]]
     axes[0].plot(k, [r["p50_ms"] for r in sc["keypoints"]], "o-", label="sdk (onnxruntime)")
+    int8 = result.get("scaling_int8")
+    if int8:
+        axes[0].plot(k, [r["p50_ms"] for r in int8["keypoints"]], "s-", label="sdk (onnxruntime, int8 engine)")
     ref = next((r for r in result["rows"] if r["method"] == "reference"), None)
     if ref:
         per_kpt = ref["p50_ms"] / result["keypoints"]
@@ -557,7 +571,10 @@ def plot_scaling(result: dict, path: Path) -> None:
     axes[0].set_title("latency vs keypoints (1 person)")
     axes[0].legend()
     p = [r["persons"] for r in sc["persons"]]
-    axes[1].plot(p, [r["p50_ms"] for r in sc["persons"]], "o-")
+    axes[1].plot(p, [r["p50_ms"] for r in sc["persons"]], "o-", label="sdk (onnxruntime)")
+    if int8:
+        axes[1].plot(p, [r["p50_ms"] for r in int8["persons"]], "s-", label="sdk (onnxruntime, int8 engine)")
+        axes[1].legend()
     axes[1].set_xlabel("persons per image")
     axes[1].set_ylabel("latency p50 (ms)")
     axes[1].set_title("latency vs persons (17 keypoints each)")

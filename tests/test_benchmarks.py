@@ -52,11 +52,12 @@ def test_throughput_smoke(tmp_path):
 @pytest.mark.slow
 def test_throughput_int8_method_smoke(tmp_path):
     """sdk-ort-int8 next to sdk-ort: the int8 engine built from the preset's (forced), its rows
-    and the fractions of the measured int8 and fp32 matmul peaks."""
+    and the fractions of the measured int8 and fp32 matmul peaks; the ablation's last rung and
+    the scaling sweep on the int8 engine."""
     from locllm_sdk.manifest import read_manifest
 
     out, work = tmp_path / "results", tmp_path / "work"
-    args = ["--preset", "tiny", "--teach-format", "40", "--reps", "1", "--warmup", "0", "--sections", "compare"]
+    args = ["--preset", "tiny", "--teach-format", "40", "--reps", "1", "--warmup", "0"]
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *args, "--methods", "sdk-ort,sdk-ort-int8"]
         + ["--workdir", str(work), "--out", str(out)],
@@ -75,6 +76,15 @@ def test_throughput_int8_method_smoke(tmp_path):
     (engine,) = (work / "int8").iterdir()
     precision = read_manifest(engine).precision
     assert (precision.vision, precision.decoder) == ("int8", "int8")
+    rungs = [r["rung"] for r in result["ablation"]]
+    assert rungs[-2:] == ["sdk", "sdk-int8"] and isinstance(result["ablation"][-1]["answers_equal_previous"], bool)
+    assert result["ablation"][-1]["speedup_vs_previous"] > 0
+    fp32_sweep, int8_sweep = result["scaling"], result["scaling_int8"]
+    assert [r["keypoints"] for r in int8_sweep["keypoints"]] == [r["keypoints"] for r in fp32_sweep["keypoints"]]
+    assert [r["persons"] for r in int8_sweep["persons"]] == [1, 2, 4, 8, 16]
+    assert all(r["p50_ms"] > 0 for r in int8_sweep["keypoints"] + int8_sweep["persons"])
+    assert "extra_keypoint_fraction_of_one" in int8_sweep
+    assert (out / "scaling_tiny.png").stat().st_size > 10_000
 
 
 def test_flop_model_matches_counted_flops(trained):

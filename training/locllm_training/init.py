@@ -134,14 +134,15 @@ def teach_format(
     check_rng = np.random.default_rng(seed + 1)  # its own stream: checking leaves the fit unchanged
     check_names = names[:: max(1, len(names) // 4)][:4]
 
-    def greedy_well_formed() -> bool:
+    def greedy_check() -> tuple[bool, str]:
+        """(all answers well-formed, the first answer's text)"""
         from .reference import reference_locate
 
         model.eval()
         pixels = check_rng.standard_normal((1, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
         answers = reference_locate(model, tokenizer, pixels, [(n, lib.descriptions[n]) for n in check_names])[0]
         model.train()
-        return all(is_well_formed(a.text, cfg.coord_dims) for a in answers)
+        return all(is_well_formed(a.text, cfg.coord_dims) for a in answers), answers[0].text.rstrip()
 
     def value(name: str):
         return np.clip(centre[name] + rng.normal(0, 0.03, cfg.coord_dims), 0, 0.999)
@@ -182,8 +183,8 @@ def teach_format(
         run = step + 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if check_every and (run % check_every == 0 or run == steps):
-            well_formed = greedy_well_formed()
-            bar.set_postfix(loss=f"{loss.item():.4f}", well_formed=well_formed)
+            well_formed, sample = greedy_check()
+            bar.set_postfix(loss=f"{loss.item():.4f}", well_formed="yes" if well_formed else "no", answer=sample)
             if well_formed:
                 break
     model.eval()
