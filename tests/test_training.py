@@ -350,3 +350,43 @@ def test_init_checkpoint_refuses_bad_teach_format_layers_before_building(tmp_pat
         assert exit_info.value.code == 2
         assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_teach_format_script_continues_a_fit_with_new_samples(tmp_path, capsys):
+    """training/teach_format.py: more steps on an init_checkpoint.py checkpoint, the steps of both
+    fits recorded, the init's facts kept; new samples (data_seed), the same keypoint positions."""
+    import torch
+    from locllm_sdk.protocol import PromptTokenizer
+    from locllm_training.init import init_checkpoint, preset_config, random_model, teach_format
+    from locllm_training.model import load_checkpoint
+
+    sys.path.insert(0, str(ROOT / "training"))
+    import teach_format as script
+
+    ckpt = init_checkpoint("tiny", tmp_path / "ckpt", seed=3, image_size=56, teach_format_steps=10)
+    out = tmp_path / "more"
+    assert script.main(["--checkpoint", str(ckpt), "--output", str(out), "--steps", "4", "--check-every", "4"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["preset"], config["seed"], config["taught_format_steps"]) == ("tiny", 3, 14)
+    assert config["taught_format_well_formed"] is False and "NOT well-formed" in capsys.readouterr().out
+    before, after = load_checkpoint(ckpt).state_dict(), load_checkpoint(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    tok = PromptTokenizer.from_dir(ckpt)
+    fits = {}
+    for name, data_seed in (("a", 7), ("b", 7), ("c", 8)):
+        model = random_model(preset_config("tiny", image_size=56), seed=3)
+        teach_format(model, tok, steps=2, seed=3, batch=1, data_seed=data_seed)
+        fits[name] = model.state_dict()
+    assert all(torch.equal(fits["a"][k], fits["b"][k]) for k in fits["a"])
+    assert any(not torch.equal(fits["a"][k], fits["c"][k]) for k in fits["a"])
+
+    for argv, message in (
+        (["--checkpoint", str(ckpt), "--output", str(ckpt), "--steps", "1"], "--output must differ"),
+        (["--checkpoint", str(tmp_path), "--output", str(out), "--steps", "1"], "no config.json"),
+        (["--checkpoint", str(ckpt), "--output", str(out), "--steps", "0"], "--steps and --batch must be >= 1"),
+        (["--checkpoint", str(ckpt), "--output", str(out), "--steps", "1", "--layers", "9"], r"must be in \[0, 2\]"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(argv)
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err), argv

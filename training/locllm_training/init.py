@@ -80,6 +80,7 @@ def teach_format(
     progress: bool = False,
     warmup: int = 0,
     check_every: int = 0,
+    data_seed: int | None = None,
 ) -> FormatFit:
     """Fit a random model for a few steps, on random crops, to answer in the protocol's
     format: each keypoint gets its own typical position (+ noise), so answers differ per
@@ -95,7 +96,9 @@ def teach_format(
     over the first ``warmup`` steps (a 2048-wide model diverges at a rate it needs, started cold).
     ``check_every``: every that many steps, greedy answers (the official procedure) to a few
     keypoints on a fresh random crop; the fit stops once all are well-formed. Per-keypoint
-    protocol only. Returns the steps run and the last check's outcome; the model is left in eval mode."""
+    protocol only. ``data_seed``: draw the samples from this seed (the keypoints' typical
+    positions stay ``seed``'s): a continued fit sees new samples of the same answers.
+    Returns the steps run and the last check's outcome; the model is left in eval mode."""
     import numpy as np
     from locllm_sdk.descriptions import DescriptionLibrary
     from locllm_sdk.protocol import format_answer, format_group_answer, is_well_formed, protocol_groups
@@ -128,6 +131,9 @@ def teach_format(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     prefix = tokenizer.prefix_ids(cfg.num_patches)
     centre = {name: rng.uniform(0.1, 0.9, cfg.coord_dims) for name in names}
+    if data_seed is not None:
+        rng = np.random.default_rng(data_seed)
+        torch.manual_seed(data_seed)
     groups = protocol_groups(protocol or cfg.protocol_version)
     if check_every and groups:
         raise ValueError("check_every checks per-keypoint answers; the grouped protocol has none")
