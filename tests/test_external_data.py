@@ -48,6 +48,8 @@ def test_each_graph_keeps_its_weights_in_one_listed_data_file(external):
         assert external_data_files(inline / graph) == ()
         # the weights moved: the graph file is now a fraction of the inline graph
         assert (out / graph).stat().st_size < (inline / graph).stat().st_size / 4
+        # readable as the graph is (onnx writes the data file owner-only)
+        assert (out / (graph + ".data")).stat().st_mode & 0o777 == (out / graph).stat().st_mode & 0o777
     assert set(entry.external_data) <= set(manifest.files_of_backend(ORT_CPU))
     assert not list(out.glob(".*.writing")), "the exporter's scratch folders are gone"
     manifest.verify_files(out)

@@ -31,3 +31,25 @@ def test_free_decoding_reproduces_the_official_procedure(trained):
                 got = pose.locate(img, NAMES, boxes=[box])
                 assert [k.answer for k in got[0]] == [a.text for a in ref[0]]
                 np.testing.assert_allclose([k.score for k in got[0]], [a.score for a in ref[0]], atol=1e-5)
+
+
+def test_reference_answers_a_model_that_ends_at_once(tiny_checkpoint):
+    """A model whose first token is EOS for every row: empty answers (values and scores 0),
+    as the official parse gives for an answer without numbers, not a crash on zero scored steps."""
+    import torch
+
+    model = load_checkpoint(tiny_checkpoint).eval()
+    tok = PromptTokenizer.from_dir(tiny_checkpoint)
+    llm = model.llm
+    head = torch.nn.Linear(llm.config.hidden_size, llm.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.spec.eos_id] = 10.0
+    llm.lm_head = head
+    lib = DescriptionLibrary.load()
+    pixels = np.zeros((2, 3, model.config.image_size, model.config.image_size), np.float32)
+    out = reference_locate(model, tok, pixels, [(n, lib.descriptions[n]) for n in ("nose", "neck")])
+    assert len(out) == 2 and all(len(crop) == 2 for crop in out)
+    for answer in (a for crop in out for a in crop):
+        assert (answer.text, answer.values, answer.scores, answer.numbers_found) == ("", (0.0, 0.0), (0.0, 0.0), 0)

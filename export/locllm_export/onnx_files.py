@@ -41,6 +41,9 @@ def save_graph(model, path: Path) -> None:
             location=data.name,
             size_threshold=1024,
         )
+        # onnx creates the data file owner-only (0600): give it the graph's mode (the umask's), so
+        # an engine readable by its users does not fail on its weights
+        data.chmod(path.stat().st_mode & 0o777)
 
 
 def external_data_files(path: Path) -> tuple[str, ...]:

@@ -54,8 +54,11 @@ def reference_locate(
             eos_token_id=tokenizer.spec.eos_id,
         )
         # with inputs_embeds, sequences hold only the new tokens
-        scores = torch.stack(gen.scores[:-1], dim=0).float().cpu().numpy()  # [steps-1, K, V], last dropped
-        conf = max_softmax(scores)  # [steps-1, K]
+        if len(gen.scores) > 1:
+            scores = torch.stack(gen.scores[:-1], dim=0).float().cpu().numpy()  # [steps-1, K, V], last dropped
+            conf = max_softmax(scores)  # [steps-1, K]
+        else:  # every row ended at once (EOS first): no step is scored (the official stack would fail)
+            conf = np.zeros((0, len(requests)))
         answers = []
         for k in range(len(requests)):
             text = tokenizer.decode(gen.sequences[k].tolist())
