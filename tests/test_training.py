@@ -332,6 +332,7 @@ def test_teach_format_check_stops_once_greedy_answers_are_well_formed(tmp_path):
     assert not model.training
     with pytest.raises(ValueError, match="grouped protocol"):
         teach_format(model, tok, steps=1, check_every=1, protocol=GROUPED_PROTOCOL_VERSION)
+    assert not model.training  # refused before the model was touched
 
 
 def test_init_checkpoint_refuses_bad_teach_format_layers_before_building(tmp_path, capsys):

@@ -104,6 +104,14 @@ def teach_format(
     from locllm_sdk.protocol import format_answer, format_group_answer, is_well_formed, protocol_groups
 
     cfg = model.config
+    # argument errors before the model is touched (train mode, frozen weights)
+    if warmup < 0 or batch < 1 or check_every < 0:
+        raise ValueError(f"warmup and check_every must be >= 0 and batch >= 1, got {warmup}, {check_every}, {batch}")
+    if layers is not None and not 0 <= layers <= len(model.llm.model.layers):
+        raise ValueError(f"layers must be in [0, {len(model.llm.model.layers)}], got {layers}")
+    groups = protocol_groups(protocol or cfg.protocol_version)
+    if check_every and groups:
+        raise ValueError("check_every checks per-keypoint answers; the grouped protocol has none")
     if lr is None:
         # 3e-3 teaches the small presets in ~100 steps but collapses the 768-wide base
         # preset into answering "[0..........." greedily; wide models need a gentler rate.
@@ -117,16 +125,12 @@ def teach_format(
     if layers is None:
         trainable = list(model.parameters())  # peft froze the base weights; fit everything here
     else:
-        if not 0 <= layers <= len(llm.model.layers):
-            raise ValueError(f"layers must be in [0, {len(llm.model.layers)}], got {layers}")
         tail = llm.model.layers[len(llm.model.layers) - layers :]
         trainable = [*tail.parameters(), *llm.model.norm.parameters(), *llm.lm_head.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    if warmup < 0 or batch < 1 or check_every < 0:
-        raise ValueError(f"warmup and check_every must be >= 0 and batch >= 1, got {warmup}, {check_every}, {batch}")
     opt = torch.optim.AdamW(trainable, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     prefix = tokenizer.prefix_ids(cfg.num_patches)
@@ -134,9 +138,6 @@ def teach_format(
     if data_seed is not None:
         rng = np.random.default_rng(data_seed)
         torch.manual_seed(data_seed)
-    groups = protocol_groups(protocol or cfg.protocol_version)
-    if check_every and groups:
-        raise ValueError("check_every checks per-keypoint answers; the grouped protocol has none")
     check_rng = np.random.default_rng(seed + 1)  # its own stream: checking leaves the fit unchanged
     check_names = names[:: max(1, len(names) // 4)][:4]
 
