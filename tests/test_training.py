@@ -369,6 +369,7 @@ def test_teach_format_script_continues_a_fit_with_new_samples(tmp_path, capsys):
     assert script.main(["--checkpoint", str(ckpt), "--output", str(out), "--steps", "4", "--check-every", "4"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["preset"], config["seed"], config["taught_format_steps"]) == ("tiny", 3, 14)
+    assert config["taught_format_continued"] == [{"steps": 4, "layers": None, "lr": None, "warmup": 0, "batch": 4}]
     assert config["taught_format_well_formed"] is False and "NOT well-formed" in capsys.readouterr().out
     before, after = load_checkpoint(ckpt).state_dict(), load_checkpoint(out).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -1,7 +1,7 @@
 """Teach a random-weight checkpoint more of the answer format: continue what
 ``init_checkpoint.py --teach-format`` started (the same keypoint positions, new samples), e.g.
 for the 1B-class preset, whose fit is long on a CPU. The new checkpoint records the steps of
-both fits.
+both fits and this fit's settings (``taught_format_continued``).
 
 python training/teach_format.py --checkpoint CKPT --output CKPT2 --steps 100 [--layers 4] [--lr 6e-4]
     [--warmup 10] [--batch 2] [--check-every 10]
@@ -42,14 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if "preset" not in stored:
         ap.error(f"--checkpoint {args.checkpoint} was not written by init_checkpoint.py (no preset recorded)")
 
+    layers = stored["llm"]["num_hidden_layers"]
+    if args.layers is not None and not 0 <= args.layers <= layers:  # checked before a 1B-class model loads
+        ap.error(f"--layers must be in [0, {layers}] for this checkpoint")
+
     from locllm_sdk.protocol import PromptTokenizer
     from locllm_training.init import teach_format
     from locllm_training.model import load_checkpoint, save_checkpoint
 
     model = load_checkpoint(args.checkpoint)
-    layers = len(model.llm.model.layers)
-    if args.layers is not None and not 0 <= args.layers <= layers:
-        ap.error(f"--layers must be in [0, {layers}] for this checkpoint")
     before = int(stored.get("taught_format_steps", 0))
     seed = int(stored.get("seed", 0))
     fit = teach_format(
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     extra.pop("taught_format_well_formed", None)
     if fit.well_formed is not None:
         extra["taught_format_well_formed"] = fit.well_formed
+    # the first fit's settings stay as init_checkpoint.py recorded them; each continuation adds its own
+    settings = {"steps": fit.steps, "layers": args.layers, "lr": args.lr, "warmup": args.warmup, "batch": args.batch}
+    extra["taught_format_continued"] = [*stored.get("taught_format_continued", []), settings]
     save_checkpoint(model, args.checkpoint, args.output, extra=extra)
     state = {None: "not checked", True: "well-formed", False: "NOT well-formed"}[fit.well_formed]
     print(f"wrote {args.output}: {fit.steps} more steps ({before + fit.steps} in all); greedy answers {state}")
