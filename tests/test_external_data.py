@@ -1,5 +1,6 @@
 """Graphs past protobuf's 2 GiB limit (a 1B-class model's decoder): their weights go to one ONNX
-external-data file beside each graph, which the manifest lists and checksums like the graphs.
+external-data file beside the graph, which the manifest lists and checksums like the graphs; the
+cascade decoder graph reads the weights it shares with the decoder graph from the decoder's file.
 The tiny model is built with the inline limit at 0 bytes so that every graph takes that path."""
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def test_each_graph_keeps_its_weights_in_one_listed_data_file(external):
     inline, out = external
     manifest = EngineManifest.read(out)
     entry = manifest.backend(ORT_CPU)
-    assert entry.external_data == tuple(g + ".data" for g in GRAPHS)
-    for graph in GRAPHS:
+    assert entry.external_data == ("vision.onnx.data", "decoder.onnx.data")
+    # the cascade step is the same weights traced again: it reads them from the decoder's file
+    assert external_data_files(out / "decoder_shared.onnx") == ("decoder.onnx.data",)
+    assert not (out / "decoder_shared.onnx.data").exists()
+    for graph in GRAPHS[:2]:
         assert external_data_files(out / graph) == (graph + ".data",)
         assert external_data_files(inline / graph) == ()
         # the weights moved: the graph file is now a fraction of the inline graph
@@ -94,8 +98,9 @@ def test_reduced_engines_of_an_external_data_engine_write_their_own_data(externa
         mp.setattr(onnx_files, "MAX_INLINE_BYTES", 0)
         reduce_engine(out, reduced, vision=precision, decoder=precision, min_agreement=0.0, calibration_images=1)
     manifest = EngineManifest.read(reduced)
-    assert manifest.backend(ORT_CPU).external_data == tuple(g + ".data" for g in GRAPHS)
-    for graph in GRAPHS:
+    assert manifest.backend(ORT_CPU).external_data == ("vision.onnx.data", "decoder.onnx.data")
+    assert external_data_files(reduced / "decoder_shared.onnx") == ("decoder.onnx.data",)
+    for graph in GRAPHS[:2]:
         data = graph + ".data"
         # the reduced weights, not the fp32 file copied over: int8 a quarter, float16 half
         assert (reduced / data).stat().st_size < 0.75 * (out / data).stat().st_size, data
@@ -104,6 +109,58 @@ def test_reduced_engines_of_an_external_data_engine_write_their_own_data(externa
     manifest.verify_files(reduced)
     image, boxes = calibration_scenes(1, seed=5)[0]
     assert len(Pose(reduced).locate(image, KEYPOINTS, boxes=boxes)) == len(boxes)
+
+
+def _matmul_graph(weights: dict, path) -> None:
+    """x @ w1 @ w2 ... with each named weight an initializer, saved with external data."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    names = list(weights)
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", n], [f"h{i + 1}" if i < len(names) - 1 else "y"])
+        for i, n in enumerate(names)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        initializer=[numpy_helper.from_array(np.asarray(w, np.float32), n) for n, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_files, "MAX_INLINE_BYTES", 0)
+        onnx_files.save_graph(model, path)
+
+
+def test_a_graph_reads_the_weights_it_shares_from_the_other_graphs_file(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(3))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    _matmul_graph({"w1": w1, "w2": w2}, tmp_path / "a.onnx")
+    # the same bytes under other names (as a second trace names them), and one weight of its own
+    _matmul_graph({"traced_1": w1, "own": w3, "traced_2": w2}, tmp_path / "b.onnx")
+    before = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"x": x})[0]
+    assert onnx_files.share_external_data(tmp_path / "a.onnx", tmp_path / "b.onnx") == w1.nbytes + w2.nbytes
+    assert external_data_files(tmp_path / "b.onnx") == ("a.onnx.data", "b.onnx.data")
+    # its own file holds only the weight the other graph lacks
+    assert (tmp_path / "b.onnx.data").stat().st_size == w3.nbytes
+    got = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, before)
+    # a graph whose weights are all held elsewhere keeps no data file of its own
+    _matmul_graph({"again": w2}, tmp_path / "c.onnx")
+    onnx_files.share_external_data(tmp_path / "a.onnx", tmp_path / "c.onnx")
+    assert external_data_files(tmp_path / "c.onnx") == ("a.onnx.data",)
+    assert not (tmp_path / "c.onnx.data").exists()
+    np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "c.onnx")).run(None, {"x": x})[0], x @ w2, rtol=1e-4)
+    # same shape, other bytes: not shared
+    _matmul_graph({"other": w2 + 1}, tmp_path / "d.onnx")
+    assert onnx_files.share_external_data(tmp_path / "a.onnx", tmp_path / "d.onnx") == 0
+    assert external_data_files(tmp_path / "d.onnx") == ("d.onnx.data",)
 
 
 def test_a_data_location_outside_the_graph_folder_is_refused(tmp_path):
@@ -158,7 +215,7 @@ def test_cpp_runtime_answers_from_external_data_and_checks_it(external, tmp_path
     assert got == [k.answer for p in want.persons for k in p.keypoints]
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    _flip_byte(broken / "decoder_shared.onnx.data", 100)
+    _flip_byte(broken / "decoder.onnx.data", 100)
     run = cli(broken)
     assert run.returncode != 0
-    assert "decoder_shared.onnx.data: sha256 differs" in run.stderr + run.stdout
+    assert "decoder.onnx.data: sha256 differs" in run.stderr + run.stdout

@@ -34,7 +34,7 @@ from locllm_sdk.protocol import PromptTokenizer, build_grammar
 from locllm_training.graphs import DecoderStep, SharedPrefixStep, VisionTower, empty_past, head_dim_of
 from locllm_training.model import LLM_LORA_TARGETS, TOKENIZER_FILES, LocLLM, load_checkpoint, merge_lora
 
-from .onnx_files import graphs_external_data
+from .onnx_files import graphs_external_data, share_external_data
 from .onnx_graphs import OPSET, export_decoder, export_shared_step, export_vision
 from .quantize import PrecisionOptions, reduce_engine
 
@@ -367,6 +367,7 @@ def _write_engine(
     export_decoder(merged, tmp / "decoder.onnx")
     stage(3)
     export_shared_step(merged, tmp / "decoder_shared.onnx")
+    share_external_data(tmp / "decoder.onnx", tmp / "decoder_shared.onnx")
     np.save(tmp / "embeddings.npy", merged.llm.get_input_embeddings().weight.detach().float().numpy())
     (tmp / TOKENIZER_DIR).mkdir()
     for name in TOKENIZER_FILES:

@@ -90,3 +90,84 @@ def graph_target(path: Path) -> Iterator[Path]:
             save_graph(onnx.load(str(written)), path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ONNX Runtime maps an external tensor straight from the file when its offset is page-aligned
+DATA_ALIGNMENT = 4096
+
+
+def _external_fields(tensor) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _set_external_fields(tensor, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _read_external(folder: Path, tensor) -> bytes:
+    fields = _external_fields(tensor)
+    with open(folder / fields["location"], "rb") as f:
+        f.seek(int(fields.get("offset", 0)))
+        data = f.read(int(fields["length"])) if "length" in fields else f.read()
+    return data
+
+
+def share_external_data(primary: Path, secondary: Path) -> int:
+    """Let the graph at ``secondary`` read each external weight that ``primary``'s external data
+    already holds (same type, shape and bytes, whatever its name) from ``primary``'s file, and
+    keep only the others in its own ``DATA_SUFFIX`` file (removed when none are left). The two
+    decoder graphs of a 1B-class model are the same weights traced twice under different
+    initializer names; stored once, the engine is about half the size. Returns the bytes no
+    longer stored twice (0 when either graph is inline)."""
+    import hashlib
+
+    import onnx
+
+    folder = secondary.parent
+    if primary.parent != folder:
+        raise EngineError(f"{secondary}: shares data only with a graph beside it, not {primary}")
+    if not external_data_files(primary) or not external_data_files(secondary):
+        return 0
+
+    def key(tensor, data: bytes) -> tuple:
+        return tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).digest()
+
+    held = {}
+    for tensor in onnx.load(str(primary), load_external_data=False).graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            fields = _external_fields(tensor)
+            data = _read_external(folder, tensor)
+            held.setdefault(key(tensor, data), (fields["location"], int(fields.get("offset", 0)), len(data)))
+    model = onnx.load(str(secondary), load_external_data=False)
+    own = secondary.with_name(secondary.name + DATA_SUFFIX)
+    fresh = own.with_name(own.name + ".writing")
+    shared = 0
+    try:
+        with open(fresh, "wb") as out:
+            for tensor in model.graph.initializer:
+                if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                data = _read_external(folder, tensor)
+                found = held.get(key(tensor, data))
+                if found is not None:
+                    _set_external_fields(tensor, *found)
+                    shared += len(data)
+                    continue
+                out.seek(-out.tell() % DATA_ALIGNMENT, 1)
+                offset = out.tell()
+                out.write(data)
+                _set_external_fields(tensor, own.name, offset, len(data))
+        kept = any(_external_fields(t).get("location") == own.name for t in model.graph.initializer)
+        if kept:
+            fresh.chmod(secondary.stat().st_mode & 0o777)
+            fresh.replace(own)
+        else:
+            fresh.unlink()
+            own.unlink(missing_ok=True)
+        onnx.save(model, str(secondary))  # the graph alone: its tensors point into the data files
+    finally:
+        fresh.unlink(missing_ok=True)
+    return shared

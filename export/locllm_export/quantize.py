@@ -28,7 +28,7 @@ import numpy as np
 from locllm_sdk.errors import ArgumentError, EngineError
 from locllm_sdk.manifest import ORT_CPU, EngineManifest, Precision, files_section
 
-from .onnx_files import external_data_files, graph_target, graphs_external_data, save_graph
+from .onnx_files import external_data_files, graph_target, graphs_external_data, save_graph, share_external_data
 
 PRECISIONS = ("fp32", "fp16-weights", "int8")
 # graphs of each part of the model, as the ONNX build names them
@@ -216,6 +216,10 @@ def reduce_engine(
                 quantizers[reduced[name]](fp32_dir / name, dst)
             elif name not in replaced:
                 shutil.copyfile(fp32_dir / name, dst)
+        for part, p in parts.items():  # a part's later graphs read the weights they share from its first's file
+            first, *later = PART_GRAPHS[part]
+            for graph in later if p != "fp32" else ():
+                share_external_data(out_dir / first, out_dir / graph)
         onnx_entry = manifest.backend(ORT_CPU)
         backends = {
             **manifest.backends,
