@@ -144,6 +144,29 @@ def person_flop_parts(
     }
 
 
+def reference_flop_parts(manifest, prompt_lens: list[int], new_tokens: int) -> dict[str, float]:
+    """The official procedure's FLOPs for one person (``reference_locate``), by
+    ``person_flop_parts``'s parts and counting: the crop through the ViT once per request; the
+    prompts (``prompt_lens`` tokens) left-padded to the longest and prefilled together, pads
+    computed; then ``new_tokens - 1`` one-token passes per row (HF generate feeds every new token
+    but the last) and the vocabulary projection at one position per row and pass. Its ratio to
+    the SDK's FLOPs is the speedup the SDK would have at the reference's FLOP rate."""
+    m = getattr(manifest, "model", manifest)
+    h, layers, v = m.hidden_size, m.num_layers, m.vocab_size
+    if m.decoder_layer_parameters is None or m.vision_parameters is None:
+        raise ValueError("this engine's manifest predates the per-part parameter counts: rebuild it for FLOPs")
+    vit_tokens = m.num_patches + 1
+    rows, width, fed = len(prompt_lens), max(prompt_lens), new_tokens - 1
+    keys = rows * (width * width / 2 + sum(width + j for j in range(1, fed + 1)))  # query-key pairs
+    return {
+        "vision_linear": rows * 2 * m.vision_parameters * vit_tokens,
+        "vision_attention": rows * m.vision_layers * 4 * vit_tokens * vit_tokens * m.vision_hidden_size,
+        "decoder_linear": 2 * m.decoder_layer_parameters * rows * (width + fed),
+        "decoder_attention": layers * 4 * h * keys,
+        "lm_head": 2 * v * h * rows * new_tokens,
+    }
+
+
 def int8_flops(parts: dict[str, float], precision) -> float:
     """The FLOPs an engine of ``precision`` (its manifest's) runs in int8: the linear layers of
     its int8 parts (attention stays fp32)."""
@@ -231,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from locllm_sdk.crop import crop_geometry
     from locllm_sdk.manifest import read_manifest
     from locllm_sdk.pipeline import crop_batch
-    from locllm_sdk.protocol import PromptTokenizer
+    from locllm_sdk.protocol import MAX_NEW_TOKENS, PromptTokenizer
     from locllm_training.model import load_checkpoint
     from locllm_training.reference import reference_locate
 
@@ -304,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"FLOPs not reported: {e}")
         parts, flops = None, None
+    ref_passes = MAX_NEW_TOKENS[manifest.model.coord_dims]  # HF generate: one pass per new token
+    ref_parts = ref_flops = None
+    if parts:
+        ref_parts = reference_flop_parts(manifest, [prefix_len + t for t in tails], ref_passes)
+        ref_flops = sum(ref_parts.values())
     k = len(requests)
     rows = []
     for m in methods:
@@ -317,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             "keypoints_per_s": k / p50,
             "decoder_passes_per_keypoint": (passes if m.startswith("sdk") else None),
         }
+        if m == "reference" and ref_flops:
+            row["fraction_of_matmul_peak"] = ref_flops / p50 / (gflops * 1e9)
         if m == "sdk-ort" and flops:
             row["fraction_of_matmul_peak"] = flops / p50 / (gflops * 1e9)
             row["fraction_of_ort_fp32_peak"] = flops / p50 / (ort_peaks["fp32"] * 1e9)
@@ -335,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         ref50 = statistics.median(times["reference"])
         for row in rows:
             row["speedup_vs_reference"] = ref50 / (row["p50_ms"] / 1e3)
-    ref_passes = None
     if "reference" in outputs:
-        ref_passes = 13  # HF generate: one pass per new token (max_new_tokens)
         for row in rows:
             if row["method"] == "reference":
                 row["decoder_passes_per_keypoint"] = ref_passes
@@ -382,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         "ort_matmul_peak_gops": ort_peaks,
         "sdk_person_gflop_parts": {k: v / 1e9 for k, v in parts.items()} if parts else None,
         "sdk_person_gflop": flops / 1e9 if flops else None,
+        "reference_person_gflop_parts": {k: v / 1e9 for k, v in ref_parts.items()} if ref_parts else None,
+        "reference_person_gflop": ref_flops / 1e9 if ref_flops else None,
+        # the speedup the SDK would have at the reference's FLOP rate: what fewer FLOPs alone give
+        "reference_over_sdk_flops": ref_flops / flops if flops else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reference_vs_sdk_answer_agreement": agreement,
         "reference_vs_sdk_greedy_agreement": greedy_agreement,
@@ -401,8 +433,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['persons_per_s']:>11.2f}{passes_s:>12}{sp:>9}"
         )
     print("ONNX Runtime matmul peaks: " + ", ".join(f"{k} {v:.0f} GOP/s" for k, v in ort_peaks.items()) + " (2048^2)")
+    if flops:
+        print(
+            f"FLOPs per person: reference {result['reference_person_gflop']:.1f} G, "
+            f"sdk {result['sdk_person_gflop']:.1f} G ({result['reference_over_sdk_flops']:.2f}x fewer: "
+            "the speedup at the reference's FLOP rate)"
+        )
     for r in rows:
-        if "fraction_of_matmul_peak" in r:
+        if r["method"] == "reference" and "fraction_of_matmul_peak" in r:
+            print(f"reference: {100 * r['fraction_of_matmul_peak']:.1f}% of the matmul peak (torch)")
+        elif "fraction_of_matmul_peak" in r:
             print(
                 f"sdk-ort: {result['sdk_person_gflop']:.2f} GFLOP/person = {100 * r['fraction_of_matmul_peak']:.1f}% "
                 f"of the matmul peak (torch), {100 * r['fraction_of_ort_fp32_peak']:.1f}% of ONNX Runtime's fp32 peak"

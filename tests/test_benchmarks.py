@@ -116,3 +116,30 @@ def test_flop_model_matches_counted_flops(trained):
     counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     linear = sum(counted.get(op, 0) for op in ("aten.mm", "aten.addmm", "aten.convolution"))
     assert 0.95 < (parts["vision_linear"] + parts["decoder_linear"] + parts["lm_head"]) / linear < 1.05
+
+
+def test_reference_flop_model_matches_counted_flops(trained):
+    """The official procedure's FLOP model (whose ratio to the SDK's says what fewer FLOPs alone
+    give) agrees with torch's count of ``reference_locate`` on the same request."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+    from locllm_sdk import Pose
+    from locllm_sdk.manifest import read_manifest
+    from locllm_sdk.protocol import MAX_NEW_TOKENS, PromptTokenizer
+    from locllm_training.model import load_checkpoint
+    from locllm_training.reference import reference_locate
+
+    ckpt, engine = trained[2]
+    model = load_checkpoint(ckpt, with_lora=False)  # the merged weights: the adapters' FLOPs are not the model's
+    pose = Pose(engine)
+    requests = throughput.keypoint_requests(pose.library, 17)
+    size = model.config.image_size
+    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    with FlopCounterMode(display=False) as counter:
+        reference_locate(model, PromptTokenizer.from_dir(ckpt), pixels, [(r.name, r.description) for r in requests])
+    prefix, tails = throughput.served_token_counts(pose, requests)
+    manifest = read_manifest(engine)
+    parts = throughput.reference_flop_parts(manifest, [prefix + t for t in tails], MAX_NEW_TOKENS[2])
+    assert 0.95 < sum(parts.values()) / counter.get_total_flops() < 1.05
