@@ -52,9 +52,10 @@ def parse_configs(text: str) -> list[tuple[str, str]]:
     return configs
 
 
-def reduced_engine(fp32_dir: Path, workdir: Path, vision: str, decoder: str) -> Path:
-    """The (vision, decoder) engine of ``fp32_dir`` under ``workdir``, built unless one of the
-    same checkpoint and precision is there."""
+def reduced_engine(fp32_dir: Path, workdir: Path, vision: str, decoder: str, calibration_images: int = 1) -> Path:
+    """The (vision, decoder) engine of ``fp32_dir`` under ``workdir``, built (forced past the
+    parity gate, whose figure on ``calibration_images`` scenes its manifest records) unless one of
+    the same checkpoint, precision and calibration is there."""
     from locllm_export.quantize import reduce_engine
     from locllm_sdk.errors import EngineError
     from locllm_sdk.manifest import EngineManifest
@@ -63,16 +64,18 @@ def reduced_engine(fp32_dir: Path, workdir: Path, vision: str, decoder: str) -> 
     out = workdir / f"{fp32_dir.name}-{vision}-{decoder}"
     try:
         have = EngineManifest.read(out)
-        if (have.model.checkpoint_sha256, have.precision.vision, have.precision.decoder) == (
+        images = have.verification.get("reduced-precision calibration images")
+        if (have.model.checkpoint_sha256, have.precision.vision, have.precision.decoder, images) == (
             fp32.model.checkpoint_sha256,
             vision,
             decoder,
+            calibration_images,
         ):
             return out
     except EngineError:
         pass
     print(f"building {out} ...", file=sys.stderr)
-    reduce_engine(fp32_dir, out, vision, decoder, force=True, calibration_images=1)
+    reduce_engine(fp32_dir, out, vision, decoder, force=True, calibration_images=calibration_images)
     return out
 
 

@@ -11,7 +11,8 @@ warm-up, and medians are reported. Methods:
   sdk-ort     Pose.locate on ONNX Runtime (the SDK as deployed)
   sdk-ort-flip  the same with flip test-time augmentation (not in the default --methods)
   sdk-ort-int8  Pose.locate on the engine's int8 variant (--engine-int8, or built from the
-              engine under --workdir with quantize.reduce_engine; not in the default --methods)
+              engine under --workdir with quantize.reduce_engine, forced past its parity gate on
+              --calibration-images scenes, whose figure is reported; not in the default --methods)
 Random-weight presets are created (and their engines built) on first use under --workdir.
 The FLOPs per person over the time give the fraction of the machine's matmul peak, measured in
 the same run: torch's fp32 matmul, ONNX Runtime's fp32 MatMul and its int8 MatMulInteger
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", type=Path)
     ap.add_argument("--engine-int8", type=Path, help="sdk-ort-int8: the int8 engine (default: built from the engine)")
     ap.add_argument(
+        "--calibration-images",
+        type=int,
+        default=None,
+        help="scenes of the parity gate of the int8 engine built here (default: the build's); its figure is reported",
+    )
+    ap.add_argument(
         "--teach-format",
         type=int,
         default=100,
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(engine)
     sections = {x.strip() for x in args.sections.split(",")}
     methods = [m.strip() for m in args.methods.split(",")] if "compare" in sections else []
+    if args.calibration_images is not None and args.calibration_images < 1:
+        ap.error(f"--calibration-images must be >= 1, got {args.calibration_images}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
@@ -278,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     if "sdk-ort-int8" in methods:
         int8_dir = args.engine_int8
         if int8_dir is None:
+            from locllm_export.quantize import DEFAULT_CALIBRATION_IMAGES
             from precision import reduced_engine
 
-            int8_dir = reduced_engine(Path(engine), args.workdir / "int8", "int8", "int8")
+            images = DEFAULT_CALIBRATION_IMAGES if args.calibration_images is None else args.calibration_images
+            int8_dir = reduced_engine(Path(engine), args.workdir / "int8", "int8", "int8", calibration_images=images)
         int8_pose = Pose(int8_dir, backend="onnxruntime", threads=args.threads)
         got = int8_pose.manifest.model.checkpoint_sha256, ort_pose.manifest.model.checkpoint_sha256
         if got[0] != got[1]:
@@ -457,6 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     if "sdk-ort-int8" in outputs and "sdk-ort" in outputs:
         same = sum(a.answer == b.answer for a, b in zip(outputs["sdk-ort"][0], outputs["sdk-ort-int8"][0]))
         result["int8_vs_fp32_identical_answers"] = same / k
+    if int8_pose is not None:  # the build's parity gate, as the int8 engine's manifest records it
+        gate = int8_pose.manifest.verification
+        result["int8_engine_gate"] = {
+            key: gate.get(f"reduced-precision {key}")
+            for key in ("answer agreement", "identical answers", "calibration answers", "calibration images")
+        }
+        if gate.get("reduced-precision calibration answers"):
+            print(
+                f"int8 engine's parity gate: {gate['reduced-precision identical answers']:.0f}/"
+                f"{gate['reduced-precision calibration answers']:.0f} calibration answers equal fp32's "
+                f"({gate['reduced-precision calibration images']:.0f} scenes)"
+            )
         print(f"sdk-ort-int8 vs sdk-ort identical answers: {same}/{k}")
     if "sdk-ort-int8" in outputs and "reference" in outputs:
         same = sum(a.text == b.answer for a, b in zip(outputs["reference"], outputs["sdk-ort-int8"][0]))

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--dino-weights", type=Path, help="DINOv2 weights file for --layerscale dino-file")
     ap.add_argument("--dry-run", action="store_true", help="print the TensorRT/TensorRT-LLM plan, build nothing")
-    from locllm_export.quantize import DEFAULT_MIN_AGREEMENT, PRECISIONS
+    from locllm_export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MIN_AGREEMENT, PRECISIONS
 
     every = tuple(dict.fromkeys((*PRECISIONS, *DECODER_PRECISIONS, *VISION_PRECISIONS)))
     prec = ap.add_argument_group(
@@ -84,7 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="reduced ONNX precision: the least fraction of calibration answers equal to fp32's",
     )
     prec.add_argument("--force", action="store_true", help="keep a reduced-precision engine below --min-agreement")
-    prec.add_argument("--calibration-images", type=int, default=20, help="rendered SynthPose scenes of the parity gate")
+    prec.add_argument(
+        "--calibration-images",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help="rendered SynthPose scenes of the parity gate",
+    )
     gpu = ap.add_argument_group("tensorrt / trtllm targets")
     gpu.add_argument(
         "--max-batch-size", type=int, default=d.max_batch_size, help="keypoint requests in flight in TensorRT-LLM"

@@ -57,7 +57,7 @@ def test_throughput_int8_method_smoke(tmp_path):
     from locllm_sdk.manifest import read_manifest
 
     out, work = tmp_path / "results", tmp_path / "work"
-    args = ["--preset", "tiny", "--teach-format", "40", "--reps", "1", "--warmup", "0"]
+    args = ["--preset", "tiny", "--teach-format", "40", "--reps", "1", "--warmup", "0", "--calibration-images", "2"]
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *args, "--methods", "sdk-ort,sdk-ort-int8"]
         + ["--workdir", str(work), "--out", str(out)],
@@ -73,6 +73,9 @@ def test_throughput_int8_method_smoke(tmp_path):
     assert 0 < int8["int8_gflop_per_person"] < result["sdk_person_gflop"]
     assert int8["fraction_of_mixed_peak"] > 0 and int8["speedup_vs_sdk_ort"] > 0
     assert 0 <= result["int8_vs_fp32_identical_answers"] <= 1
+    gate = result["int8_engine_gate"]  # the forced build's own gate, on the scenes asked for
+    assert gate["calibration images"] == 2 and gate["calibration answers"] > 0
+    assert gate["answer agreement"] == gate["identical answers"] / gate["calibration answers"]
     (engine,) = (work / "int8").iterdir()
     precision = read_manifest(engine).precision
     assert (precision.vision, precision.decoder) == ("int8", "int8")

@@ -39,6 +39,7 @@ PART_GRAPHS = {"vision": ("vision.onnx",), "decoder": ("decoder.onnx", "decoder_
 # of the vision tower, fp32 compute, no faster) and dynamic int8 of both parts about 35%,
 # because a tenth of the demo's answer digits are decided by logit margins under 0.01.
 DEFAULT_MIN_AGREEMENT = 0.99
+DEFAULT_CALIBRATION_IMAGES = 20  # rendered scenes of the gate (1-3 people each, 19 keypoints)
 CALIBRATION_SEED = 400  # the renderer's test split with a seed no benchmark or calibration uses
 EXTRA_KEYPOINTS = ("neck", "pelvis")  # with COCO-17: the 19 keypoints the demo answers
 
@@ -117,7 +118,7 @@ class PrecisionOptions:
     decoder: str = "fp32"
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     force: bool = False
-    calibration_images: int = 20
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
 
     @property
     def reduced(self) -> bool:
@@ -184,7 +185,7 @@ def reduce_engine(
     decoder: str = "fp32",
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     force: bool = False,
-    calibration_images: int = 20,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     quantizers: dict[str, Quantizer] | None = None,
 ) -> Agreement:
     """Write ``out_dir``: the fp32 engine at ``fp32_dir`` with its vision and/or decoder graphs
