@@ -217,10 +217,11 @@ def reduce_engine(
                 quantizers[reduced[name]](fp32_dir / name, dst)
             elif name not in replaced:
                 shutil.copyfile(fp32_dir / name, dst)
-        for part, p in parts.items():  # a part's later graphs read the weights they share from its first's file
-            first, *later = PART_GRAPHS[part]
-            for graph in later if p != "fp32" else ():
-                share_external_data(out_dir / first, out_dir / graph)
+        for part, p in parts.items():
+            if p != "fp32":  # the part's later graphs read the weights they share from its first's file
+                first, *later = PART_GRAPHS[part]
+                for graph in later:
+                    share_external_data(out_dir / first, out_dir / graph)
         onnx_entry = manifest.backend(ORT_CPU)
         backends = {
             **manifest.backends,
