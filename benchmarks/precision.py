@@ -56,7 +56,7 @@ def reduced_engine(fp32_dir: Path, workdir: Path, vision: str, decoder: str, cal
     """The (vision, decoder) engine of ``fp32_dir`` under ``workdir``, built (forced past the
     parity gate, whose figure on ``calibration_images`` scenes its manifest records) unless one of
     the same checkpoint, precision and calibration is there."""
-    from locllm_export.quantize import reduce_engine
+    from locllm_export.quantize import recorded_gate, reduce_engine
     from locllm_sdk.errors import EngineError
     from locllm_sdk.manifest import EngineManifest
 
@@ -64,7 +64,7 @@ def reduced_engine(fp32_dir: Path, workdir: Path, vision: str, decoder: str, cal
     out = workdir / f"{fp32_dir.name}-{vision}-{decoder}"
     try:
         have = EngineManifest.read(out)
-        images = have.verification.get("reduced-precision calibration images")
+        images = recorded_gate(have.verification).get("calibration images")
         if (have.model.checkpoint_sha256, have.precision.vision, have.precision.decoder, images) == (
             fp32.model.checkpoint_sha256,
             vision,

@@ -121,24 +121,37 @@ def person_flops(manifest, prefix_len: int, tails: list[int], answer_tokens: int
     return sum(person_flop_parts(manifest, prefix_len, tails, answer_tokens, logits_per_row).values())
 
 
+def _flop_facts(manifest):
+    """The model facts of an EngineManifest (or its ModelInfo, or facts alike) that the FLOP
+    models need; ValueError for a manifest without the per-part parameter counts."""
+    m = getattr(manifest, "model", manifest)
+    if m.decoder_layer_parameters is None or m.vision_parameters is None:
+        raise ValueError("this engine's manifest predates the per-part parameter counts: rebuild it for FLOPs")
+    return m
+
+
+def _vit_flop_parts(m, crops: int) -> dict[str, float]:
+    """``vision_linear`` and ``vision_attention`` of ``crops`` crops through the ViT (CLS + patches)."""
+    tokens = m.num_patches + 1
+    return {
+        "vision_linear": crops * 2 * m.vision_parameters * tokens,
+        "vision_attention": crops * m.vision_layers * 4 * tokens * tokens * m.vision_hidden_size,
+    }
+
+
 def person_flop_parts(
     manifest, prefix_len: int, tails: list[int], answer_tokens: int, logits_per_row: int
 ) -> dict[str, float]:
     """``person_flops`` by part: ``vision_linear``, ``vision_attention``, ``decoder_linear``,
     ``decoder_attention`` and ``lm_head`` (what an int8 engine quantizes: the linear parts)."""
-    m = getattr(manifest, "model", manifest)  # an EngineManifest, or its ModelInfo (or facts alike)
+    m = _flop_facts(manifest)
     h, layers, v = m.hidden_size, m.num_layers, m.vocab_size
-    vh, vl = m.vision_hidden_size, m.vision_layers
-    if m.decoder_layer_parameters is None or m.vision_parameters is None:
-        raise ValueError("this engine's manifest predates the per-part parameter counts: rebuild it for FLOPs")
     lm_params = m.decoder_layer_parameters
-    vit_tokens = m.num_patches + 1
     rows = [t + answer_tokens for t in tails]
     lm_tokens = prefix_len + sum(rows)
     keys = prefix_len * prefix_len / 2 + sum(r * (prefix_len + r / 2) for r in rows)  # query-key pairs
     return {
-        "vision_linear": 2 * m.vision_parameters * vit_tokens,
-        "vision_attention": vl * 4 * vit_tokens * vit_tokens * vh,
+        **_vit_flop_parts(m, crops=1),
         "decoder_linear": 2 * lm_params * lm_tokens,
         "decoder_attention": layers * 4 * h * keys,
         "lm_head": 2 * v * h * (1 + len(rows) * logits_per_row),
@@ -152,16 +165,12 @@ def reference_flop_parts(manifest, prompt_lens: list[int], new_tokens: int) -> d
     computed; then ``new_tokens - 1`` one-token passes per row (HF generate feeds every new token
     but the last) and the vocabulary projection at one position per row and pass. Its ratio to
     the SDK's FLOPs is the speedup the SDK would have at the reference's FLOP rate."""
-    m = getattr(manifest, "model", manifest)
+    m = _flop_facts(manifest)
     h, layers, v = m.hidden_size, m.num_layers, m.vocab_size
-    if m.decoder_layer_parameters is None or m.vision_parameters is None:
-        raise ValueError("this engine's manifest predates the per-part parameter counts: rebuild it for FLOPs")
-    vit_tokens = m.num_patches + 1
     rows, width, fed = len(prompt_lens), max(prompt_lens), new_tokens - 1
     keys = rows * (width * width / 2 + sum(width + j for j in range(1, fed + 1)))  # query-key pairs
     return {
-        "vision_linear": rows * 2 * m.vision_parameters * vit_tokens,
-        "vision_attention": rows * m.vision_layers * 4 * vit_tokens * vit_tokens * m.vision_hidden_size,
+        **_vit_flop_parts(m, crops=rows),
         "decoder_linear": 2 * m.decoder_layer_parameters * rows * (width + fed),
         "decoder_attention": layers * 4 * h * keys,
         "lm_head": 2 * v * h * rows * new_tokens,
@@ -468,19 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     if "sdk-ort-int8" in outputs and "sdk-ort" in outputs:
         same = sum(a.answer == b.answer for a, b in zip(outputs["sdk-ort"][0], outputs["sdk-ort-int8"][0]))
         result["int8_vs_fp32_identical_answers"] = same / k
-    if int8_pose is not None:  # the build's parity gate, as the int8 engine's manifest records it
-        gate = int8_pose.manifest.verification
-        result["int8_engine_gate"] = {
-            key: gate.get(f"reduced-precision {key}")
-            for key in ("answer agreement", "identical answers", "calibration answers", "calibration images")
-        }
-        if gate.get("reduced-precision calibration answers"):
-            print(
-                f"int8 engine's parity gate: {gate['reduced-precision identical answers']:.0f}/"
-                f"{gate['reduced-precision calibration answers']:.0f} calibration answers equal fp32's "
-                f"({gate['reduced-precision calibration images']:.0f} scenes)"
-            )
         print(f"sdk-ort-int8 vs sdk-ort identical answers: {same}/{k}")
+    if int8_pose is not None:  # the build's parity gate, as the int8 engine's manifest records it
+        from locllm_export.quantize import recorded_gate
+
+        gate = result["int8_engine_gate"] = recorded_gate(int8_pose.manifest.verification)
+        if gate.get("calibration answers"):
+            print(
+                f"int8 engine's parity gate: {gate['identical answers']:.0f}/{gate['calibration answers']:.0f} "
+                f"calibration answers equal fp32's ({gate['calibration images']:.0f} scenes)"
+            )
     if "sdk-ort-int8" in outputs and "reference" in outputs:
         same = sum(a.text == b.answer for a, b in zip(outputs["reference"], outputs["sdk-ort-int8"][0]))
         result["reference_vs_int8_answer_agreement"] = same / k

@@ -138,6 +138,17 @@ class Agreement:
         return self.identical / self.answers if self.answers else 0.0
 
 
+# the gate's figures in a manifest's verification section are named GATE_PREFIX + figure
+GATE_PREFIX = "reduced-precision "
+
+
+def recorded_gate(verification: dict[str, float]) -> dict[str, float]:
+    """The parity gate's figures as ``reduce_engine`` recorded them in a manifest's verification
+    ("answer agreement", "identical answers", "calibration answers", "calibration images", "min
+    agreement", "forced"); empty for an engine that was not reduced."""
+    return {k[len(GATE_PREFIX) :]: v for k, v in verification.items() if k.startswith(GATE_PREFIX)}
+
+
 def check_precision(name: str, value: str) -> str:
     if value not in PRECISIONS:
         raise ArgumentError(f"{name} must be one of {PRECISIONS}, got {value!r}")
@@ -244,12 +255,15 @@ def reduce_engine(
                 "no engine written (pass --force to keep it anyway, or --min-agreement to lower the bar)"
             )
         gate = {
-            "reduced-precision answer agreement": agreement.fraction,
-            "reduced-precision identical answers": float(agreement.identical),
-            "reduced-precision calibration answers": float(agreement.answers),
-            "reduced-precision calibration images": float(agreement.images),
-            "reduced-precision min agreement": float(min_agreement),
-            "reduced-precision forced": float(force and agreement.fraction < min_agreement),
+            GATE_PREFIX + key: value
+            for key, value in {
+                "answer agreement": agreement.fraction,
+                "identical answers": float(agreement.identical),
+                "calibration answers": float(agreement.answers),
+                "calibration images": float(agreement.images),
+                "min agreement": float(min_agreement),
+                "forced": float(force and agreement.fraction < min_agreement),
+            }.items()
         }
         manifest.replace(
             precision=precision,
