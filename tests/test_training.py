@@ -276,7 +276,9 @@ def test_teach_format_on_the_last_layers_leaves_the_rest_untouched(tmp_path):
         "tiny", tmp_path / "ckpt", seed=3, image_size=56, teach_format_steps=150, teach_format_layers=1,
         teach_format_lr=3e-3,
     )  # fmt: skip
-    assert json.loads((ckpt / "config.json").read_text())["taught_format_layers"] == 1
+    recorded = json.loads((ckpt / "config.json").read_text())
+    assert recorded["taught_format_layers"] == 1
+    assert (recorded["taught_format_lr"], recorded["taught_format_warmup"]) == (3e-3, 0)
     import re
 
     from locllm_sdk.descriptions import DescriptionLibrary
@@ -369,7 +371,7 @@ def test_teach_format_script_continues_a_fit_with_new_samples(tmp_path, capsys):
     assert script.main(["--checkpoint", str(ckpt), "--output", str(out), "--steps", "4", "--check-every", "4"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["preset"], config["seed"], config["taught_format_steps"]) == ("tiny", 3, 14)
-    assert config["taught_format_continued"] == [{"steps": 4, "layers": None, "lr": None, "warmup": 0, "batch": 4}]
+    assert config["taught_format_continued"] == [{"steps": 4, "layers": None, "lr": 3e-3, "warmup": 0, "batch": 4}]
     assert config["taught_format_well_formed"] is False and "NOT well-formed" in capsys.readouterr().out
     before, after = load_checkpoint(ckpt).state_dict(), load_checkpoint(out).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if fit.well_formed is not None:
         extra["taught_format_well_formed"] = fit.well_formed
     # the first fit's settings stay as init_checkpoint.py recorded them; each continuation adds its own
-    settings = {"steps": fit.steps, "layers": args.layers, "lr": args.lr, "warmup": args.warmup, "batch": args.batch}
+    settings = {"steps": fit.steps, "layers": args.layers, "lr": fit.lr, "warmup": args.warmup, "batch": args.batch}
     extra["taught_format_continued"] = [*stored.get("taught_format_continued", []), settings]
     save_checkpoint(model, args.checkpoint, args.output, extra=extra)
     state = {None: "not checked", True: "well-formed", False: "NOT well-formed"}[fit.well_formed]

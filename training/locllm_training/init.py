@@ -66,6 +66,7 @@ def random_model(config: LocLLMConfig, seed: int = 0, random_lora: bool = True) 
 class FormatFit:
     steps: int  # steps run
     well_formed: bool | None  # the last greedy check (None: not checked)
+    lr: float  # the peak learning rate used (the default by width when none was given)
 
 
 def teach_format(
@@ -195,7 +196,7 @@ def teach_format(
             if well_formed:
                 break
     model.eval()
-    return FormatFit(steps=run, well_formed=well_formed)
+    return FormatFit(steps=run, well_formed=well_formed, lr=lr)
 
 
 def init_checkpoint(
@@ -250,4 +251,6 @@ def init_checkpoint(
             if teach_format_layers is not None:
                 extra["taught_format_layers"] = teach_format_layers
             extra["taught_format_batch"] = teach_format_batch
+            extra["taught_format_lr"] = fit.lr
+            extra["taught_format_warmup"] = teach_format_warmup
         return save_checkpoint(model, tok, output, extra=extra)
